@@ -1,0 +1,678 @@
+"""
+Stochastic Parameter Decomposition (SPD) for transformers, in one file.
+
+Reference implementation of "Decomposition of Small Transformer Models" (Christensen & Riggs
+Smith, arXiv 2511.08854), which extends SPD (Bushnaq, Braun & Sharkey, arXiv 2506.20790) to
+sequence models. Read it beside the paper; each section cites the equation it implements.
+
+  1. Decomposed layers         W ≈ U V, rank-1 subcomponents                      Eq. 1
+  2. Decomposing a model       run as target, fully masked, or partly replaced   Eq. 2, 3, 5, 6
+  3. Causal importance         scalar, vector and attention γ-functions          Eq. 4, Alg. 1
+  4. Leaky hard sigmoids and stochastic masks  α = g + (1 - g) u                 Sec. 4
+  5. Losses                    faithfulness, minimality, six reconstructions     Eq. 1, 2, 3, 5, 6
+  6. Training step and loop                                                      Alg. 3
+  7. Interventions             orthogonal projection of subcomponents            Sec. 5.2
+  8. Save / load
+  9. Measures                  L0, active subcomponents
+
+Dimensions: B batch, S sequence, C subcomponents per matrix, d_in/d_out a layer's input/output
+width, H = D_gate the hidden width of each γ_c MLP, K the number of mask sets stacked along the
+batch dimension so that many masked forwards run as one.
+
+Left out: everything the paper does not use (other CI variants, distributed training,
+experiment tracking). Run `python induction.py` (Table 1) or `python gpt2_facts.py --model=tiny`.
+Only torch is needed here.
+"""
+import copy
+import dataclasses
+import fnmatch
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SPDError(Exception):
+    """A one-line error about the user's input (scripts print it without a traceback)."""
+
+
+# -----------------------------------------------------------------------------
+# 1. Decomposed layers (Eq. 1): W ≈ U V = Σ_c U[:, c] V[c, :]
+
+def layer_weight(module):
+    """The weight W of a Linear or GPT-2 Conv1D in the paper's layout (d_out, d_in).
+
+    transformers' Conv1D stores its weight as (d_in, d_out); we return a transposed view, so
+    writing into the result writes the module's weight."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D, y = x W + b
+        return module.weight.T
+    raise SPDError(f"cannot decompose a {type(module).__name__}: only nn.Linear and GPT-2 Conv1D")
+
+
+class DecomposedLayer(nn.Module):
+    """C rank-1 subcomponents of one frozen target layer, W ≈ U V (Eq. 1).
+
+    V (C, d_in) reads the input, U (d_out, C) writes the output. With a mask alpha (..., C):
+        y = U (alpha ⊙ (V x)) + b        (b: the target's bias, frozen)
+    Init: V ~ N(0, 1/d_in), U ~ N(0, 1/C), random as in SPD; the faithfulness loss (and the
+    optional faithfulness warm-up in `train`) pulls U V onto W.
+    The layer runs the target itself unless a mask is set (see SPDModel.forward), and it holds
+    its own causal-importance function `ci` (section 3)."""
+
+    def __init__(self, target, C, ci):
+        super().__init__()
+        self.target = target
+        d_out, d_in = layer_weight(target).shape
+        self.V = nn.Parameter(torch.randn(C, d_in) / math.sqrt(d_in))
+        self.U = nn.Parameter(torch.randn(d_out, C) / math.sqrt(C))
+        self.ci = ci
+        self.mask = None      # (alpha (N, S, C), rows (N,) or None for all rows), set per forward
+        self.record = False   # keep the last input (for the causal-importance functions)
+        self.last_input = None
+
+    @property
+    def W(self):
+        return layer_weight(self.target)  # (d_out, d_in)
+
+    def components(self, x, alpha):
+        inner = x @ self.V.T                      # (N, S, C)  V_c x
+        y = (inner * alpha) @ self.U.T            # (N, S, d_out)
+        return y if self.target.bias is None else y + self.target.bias
+
+    def forward(self, x):                         # x (N, S, d_in)
+        if self.record:
+            self.last_input = x
+        if self.mask is None:
+            return self.target(x)
+        alpha, rows = self.mask
+        if rows is None:                          # every row uses the subcomponents
+            return self.components(x, alpha)
+        y = self.target(x)                        # other rows keep the target weight
+        return y.index_copy(0, rows, self.components(x[rows], alpha))
+
+
+# -----------------------------------------------------------------------------
+# 2. Decomposing a model
+
+def match_modules(model, patterns):
+    """Names of the modules matching glob patterns such as 'blocks.*.attn.q_proj'."""
+    if isinstance(patterns, str):
+        patterns = [p for p in patterns.split(",") if p]
+    decomposable = [n for n, m in model.named_modules()
+                    if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    names = []
+    for p in patterns:
+        hits = [n for n, _ in model.named_modules() if n and fnmatch.fnmatchcase(n, p)]
+        if not hits:
+            raise SPDError(f"pattern {p!r} matches no module; decomposable modules: "
+                           f"{_short(decomposable)}")
+        bad = [n for n in hits if n not in decomposable]
+        if bad:
+            raise SPDError(f"pattern {p!r} matches {bad[0]!r}, a "
+                           f"{type(model.get_submodule(bad[0])).__name__}, which cannot be "
+                           f"decomposed (only Linear/Conv1D); it matched {_short(hits)}")
+        names += [n for n in hits if n not in names]
+    return names
+
+
+def _short(names, n=8):
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+class SPDModel(nn.Module):
+    """A frozen copy of the target with the chosen layers replaced by DecomposedLayers.
+
+    model(x)                 -> the target's logits (no mask set: every layer is the target)
+    model(x, {name: alpha})  -> logits with the named layers masked, the others the target
+    model.run_mask_sets(x, [masks_1, ..., masks_K]) -> all K variants in one batched forward.
+    The caller's model is deep-copied and never changed; only U, V and the CI functions train."""
+
+    def __init__(self, target, patterns, C, ci="vector", d_gate=16, max_seq_len=None,
+                 causal=True):
+        super().__init__()
+        self.model = copy.deepcopy(target).eval()
+        self.model.requires_grad_(False)
+        self.spec = dict(patterns=match_modules(self.model, patterns), C=C, ci=ci,
+                         d_gate=d_gate, max_seq_len=max_seq_len, causal=causal)
+        self.layers = {}   # name -> DecomposedLayer (also registered inside self.model)
+        for name in self.spec["patterns"]:
+            module = self.model.get_submodule(name)
+            d_in = layer_weight(module).shape[1]
+            layer = DecomposedLayer(module, C, make_ci(ci, d_in, C, d_gate, max_seq_len, causal))
+            self.model.set_submodule(name, layer)
+            self.layers[name] = layer
+
+    @staticmethod
+    def logits(out):
+        return out.logits if hasattr(out, "logits") else out  # transformers returns an object
+
+    def forward(self, x, masks=None):
+        return self.run_mask_sets(x, [masks or {}])[0]
+
+    def run_mask_sets(self, x, mask_sets):
+        """f(x | masks_k) for k = 1..K in one forward of the batch repeated K times.
+
+        mask_sets[k] maps layer names to alpha (B, S, C); a layer absent from a set keeps the
+        target weight in that set's rows (the layerwise and partial losses need this).
+        Returns logits (K, B, S, vocab)."""
+        K, B = len(mask_sets), x.shape[0]
+        for name, layer in self.layers.items():
+            ks = [k for k, m in enumerate(mask_sets) if name in m]
+            if not ks:
+                continue
+            alpha = torch.cat([mask_sets[k][name] for k in ks])                  # (len(ks)·B, S, C)
+            rows = None if len(ks) == K else (
+                torch.tensor(ks, device=x.device)[:, None] * B
+                + torch.arange(B, device=x.device)).flatten()                     # (len(ks)·B,)
+            layer.mask = (alpha, rows)
+        try:
+            out = self.logits(self.model(x.repeat(K, *[1] * (x.dim() - 1))))     # (K·B, S, V)
+        finally:
+            for layer in self.layers.values():
+                layer.mask = None
+        return out.view(K, B, *out.shape[1:])
+
+    @torch.no_grad()
+    def target_forward(self, x):
+        """Algorithm 3 step 2: the target's logits and each decomposed layer's input."""
+        for layer in self.layers.values():
+            layer.record = True
+        try:
+            logits = self.logits(self.model(x))
+            inputs = {n: layer.last_input for n, layer in self.layers.items()}
+        finally:
+            for layer in self.layers.values():
+                layer.record, layer.last_input = False, None
+        return logits, inputs
+
+    def causal_importance(self, inputs):
+        """Algorithm 3 step 3: pre-sigmoid causal importances {name: (B, S, C)} from the inputs."""
+        return {n: layer.ci(inputs[n], layer.V) for n, layer in self.layers.items()}
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+# -----------------------------------------------------------------------------
+# 3. Causal importance: g_c = σ_H(γ_c(input)) in [0, 1]^(B, S, C)   (Sec. 4.1, Eq. 4, Alg. 1)
+
+class GammaMLPs(nn.Module):
+    """C independent one-hidden-layer GELU MLPs γ_c, evaluated as a few batched tensor ops.
+
+    vector (n_in given): γ_c(x) = w2_c · gelu(W1_c x + b1_c) + b2_c for the same x ∈ R^n_in;
+        the C first layers are stacked in W1 (C·H, n_in), so they are one matmul.
+    scalar (n_in None):  γ_c(a_c) = w2_c · gelu(a_c w1_c + b1_c) + b2_c on its own scalar a_c."""
+
+    def __init__(self, C, H, n_in=None):
+        super().__init__()
+        self.C, self.H, self.scalar = C, H, n_in is None
+        shape = (C, H) if n_in is None else (C * H, n_in)
+        self.W1 = nn.Parameter(torch.randn(shape) / math.sqrt(n_in or 1))
+        self.b1 = nn.Parameter(torch.zeros(C * H))
+        self.W2 = nn.Parameter(torch.randn(C, H) / math.sqrt(H))
+        self.b2 = nn.Parameter(torch.zeros(C))
+
+    def forward(self, x):                                      # (..., n_in) or (..., C)
+        if self.scalar:
+            h = x[..., None] * self.W1 + self.b1.view(self.C, self.H)   # (..., C, H)
+        else:
+            h = F.linear(x, self.W1, self.b1).unflatten(-1, (self.C, self.H))  # (..., C, H)
+        return (F.gelu(h) * self.W2).sum(-1) + self.b2          # (..., C)
+
+
+class ScalarCI(nn.Module):
+    """γ_c on the inner activation V_c x (a scalar per subcomponent), as in SPD."""
+
+    def __init__(self, C, H):
+        super().__init__()
+        self.gamma = GammaMLPs(C, H)
+
+    def forward(self, x, V):                                   # x (B, S, d_in), V (C, d_in)
+        return self.gamma(x @ V.T)                             # (B, S, C)
+
+
+class VectorCI(nn.Module):
+    """γ_c on the layer input x, as in SPD."""
+
+    def __init__(self, d_in, C, H):
+        super().__init__()
+        self.gamma = GammaMLPs(C, H, d_in)
+
+    def forward(self, x, V=None):                              # x (B, S, d_in)
+        return self.gamma(x)                                   # (B, S, C)
+
+
+class AttentionCI(nn.Module):
+    """The paper's causal importance for sequences (Eq. 4, Algorithm 1):
+
+        g_{c,n} = σ_H(γ_c(x̄_n)),  x̄_n = softmax((q_n Kᵀ + r_n) / √d) V  ⊕  x_pos,n
+
+    one head, one layer, Q/K/V only (no bias, no output projection); q = Q x and k = K x carry
+    no absolute position, the learned relative bias r[i - j] is added to the scores, and the
+    learned absolute encoding is added for the values and the concatenated input
+    (x_pos = x + AbsPosEnc). Algorithm 1 lists RelPosEnc as (2s × d) while Eq. 4 and the text
+    call r_n "the row of learned relative positional biases"; we use one scalar bias per
+    offset, i.e. 2·max_seq_len - 1 numbers.
+    Causal masking: the paper is silent. Default causal=True (position n sees positions ≤ n,
+    like the model it explains); causal=False is supported."""
+
+    def __init__(self, d, C, H, max_seq_len, causal=True):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.rel = nn.Parameter(torch.zeros(2 * max_seq_len - 1))   # bias for offset i - j
+        self.abs = nn.Parameter(torch.randn(max_seq_len, d) * 0.02)
+        self.gamma = GammaMLPs(C, H, 2 * d)
+        self.max_seq_len, self.causal = max_seq_len, causal
+
+    def forward(self, x, V=None, flex=None):                   # x (B, S, d)
+        S, M = x.shape[1], self.max_seq_len
+        if S > M:
+            raise SPDError(f"sequence length {S} exceeds the attention CI's max_seq_len {M}")
+        x_pos = x + self.abs[:S]                                # 1) (B, S, d)
+        q, k, v = self.q(x), self.k(x), self.v(x_pos)           # 2)
+        r = self.rel[M - S: M + S - 1]                          # 3) (2S-1,), r[i - j + S - 1]
+        a = ci_attention(q, k, v, r, self.causal, flex)         # 4) (B, S, d)
+        return self.gamma(torch.cat([a, x_pos], -1))            # 5, 6) (B, S, C)
+
+
+def ci_attention(q, k, v, r, causal=True, flex=None):
+    """softmax((q kᵀ + r) / √d) v with r[i - j + S - 1] the bias of query i, key j.
+
+    flex=None picks by device: flex-attention (compiled) on CUDA; plain math elsewhere, because
+    torch 2.13's flex-attention has no backward on CPU. Both compute the same function."""
+    S, d = q.shape[-2], q.shape[-1]
+    if flex if flex is not None else q.is_cuda:
+        return _flex_attention(q, k, v, r, causal)
+    i = torch.arange(S, device=q.device)
+    scores = (q @ k.transpose(-1, -2) + r[i[:, None] - i[None, :] + S - 1]) / math.sqrt(d)
+    if causal:
+        scores = scores.masked_fill(i[:, None] < i[None, :], float("-inf"))   # (B, S, S)
+    return scores.softmax(-1) @ v
+
+
+_FLEX = {}
+
+
+def _flex_attention(q, k, v, r, causal):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    S, d = q.shape[-2], q.shape[-1]
+    if "fn" not in _FLEX:  # compile once; eager flex (CPU, inference only) is for the tests
+        _FLEX["fn"] = torch.compile(flex_attention) if q.is_cuda else flex_attention
+    key = (S, q.device)
+    if causal and key not in _FLEX:
+        _FLEX[key] = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S,
+                                       device=q.device)
+
+    def score_mod(score, b, h, qi, ki):  # flex has already scaled q·k by 1/√d
+        return score + r[qi - ki + S - 1] / math.sqrt(d)
+
+    out = _FLEX["fn"](q[:, None], k[:, None], v[:, None], score_mod=score_mod,
+                      block_mask=_FLEX[key] if causal else None)  # (B, 1, S, d)
+    return out[:, 0]
+
+
+def make_ci(kind, d_in, C, d_gate, max_seq_len=None, causal=True):
+    if kind == "scalar":
+        return ScalarCI(C, d_gate)
+    if kind == "vector":
+        return VectorCI(d_in, C, d_gate)
+    if kind == "attention":
+        if not max_seq_len:
+            raise SPDError("the attention CI needs max_seq_len (the longest sequence it will see)")
+        return AttentionCI(d_in, C, d_gate, max_seq_len, causal)
+    raise SPDError(f"unknown CI function {kind!r}: use scalar, vector or attention")
+
+
+# -----------------------------------------------------------------------------
+# 4. Leaky hard sigmoids and stochastic masks (Sec. 4; Bushnaq et al. 2025)
+
+class _LowerLeakyHardSigmoid(torch.autograd.Function):
+    """Value clip(x, 0, 1); gradient as if the function were 0.01·x below 0 (as in SPD's code),
+    so a subcomponent whose γ fell below 0 still gets gradient and can come back."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return torch.where(x <= 0, 0.01 * grad, torch.where(x <= 1, grad, 0.0))
+
+
+def leaky_hard_sigmoid(x, upper=False):
+    """σ_H. Lower-leaky (default; for masks and reconstruction): clip(x, 0, 1), leaking gradient
+    with slope 0.01 below 0. Upper-leaky (upper=True; for minimality): clip(x, 0, 1) below 1
+    and 1 + 0.01 (x - 1) above, so minimality keeps pushing γ down from above 1."""
+    if upper:
+        return torch.where(x > 1, 1 + 0.01 * (x - 1), x.clamp(0, 1))
+    return _LowerLeakyHardSigmoid.apply(x)
+
+
+def sample_masks(g):
+    """alpha = g + (1 - g) u, u ~ U(0, 1) independently per batch item, position and
+    subcomponent: alpha ~ U(g, 1) (Sec. 4). Gradients reach g."""
+    return g + (1 - g) * torch.rand_like(g)
+
+
+# -----------------------------------------------------------------------------
+# 5. Losses
+
+def kl_divergence(logits, target_logits, weight=None):
+    """D_KL(target || pred) = Σ_v p_target (log p_target - log p_pred), summed over the last
+    (vocabulary) dim and averaged over all others, or weighted by `weight` (same leading shape)."""
+    kl = F.kl_div(logits.log_softmax(-1), target_logits.log_softmax(-1), log_target=True,
+                  reduction="none").sum(-1)
+    return kl.mean() if weight is None else (kl * weight).sum() / weight.expand_as(kl).sum()
+
+
+def faithfulness_loss(spd):
+    """Eq. 1: (1/N) Σ_l Σ_ij (W^l_ij - Σ_c U^l_ic V^l_cj)², N the number of entries of all W^l."""
+    sq = sum(((l.W - l.U @ l.V) ** 2).sum() for l in spd.layers.values())
+    return sq / sum(l.W.numel() for l in spd.layers.values())
+
+
+def importance_minimality_loss(g_upper, p, weight=None):
+    """Eq. 1: Σ_l Σ_c |g^l_c(x)|^p, averaged over batch and positions (or weighted), on the
+    upper-leaky causal importances. A 1e-12 inside the power keeps the gradient at g = 0 finite."""
+    total = sum(((g.abs() + 1e-12) ** p).sum(-1) for g in g_upper.values())    # (B, S)
+    return total.mean() if weight is None else (total * weight).sum() / weight.sum()
+
+
+# Every reconstruction loss is the mean of KL(f(x | W) || f(x | masked weights)) over a list of
+# mask sets; a mask set names the layers it replaces, the others stay the target. These six
+# functions build the lists; `reconstruction_losses` runs all of them in one forward.
+# g: {layer: (B, S, C)} causal importances; R: S samples of {layer: alpha (B, S, C)}.
+
+def recon_masks(g, R):
+    """L_recon (Sec. 4): every layer masked by its causal importance, masks = g."""
+    return [g]
+
+
+def stochastic_recon_masks(g, R):
+    """Eq. 2: L_stochastic_recon, every layer masked by the s-th sample r^(s), s = 1..S."""
+    return list(R)
+
+
+def layerwise_recon_masks(g, R):
+    """Eq. 3 with masks = g: one layer at a time replaced, the others the target (L terms)."""
+    return [{n: g[n]} for n in g]
+
+
+def stochastic_layerwise_recon_masks(g, R):
+    """Eq. 3: L_stochastic_recon_layerwise, layer l masked by r^(l,s), the others the target;
+    averaged over l and s (L·S terms)."""
+    return [{n: r[n]} for r in R for n in r]
+
+
+def random_layer_subset(names):
+    """A uniformly random non-empty subset M of the layers (Eq. 5-6)."""
+    while True:
+        keep = torch.rand(len(names)) < 0.5
+        if keep.any():
+            return [n for n, k in zip(names, keep) if k]
+
+
+def partial_recon_masks(g, R):
+    """Eq. 5: L_recon_partial, the layers of one random non-empty subset M masked by g."""
+    return [{n: g[n] for n in random_layer_subset(list(g))}]
+
+
+def stochastic_partial_recon_masks(g, R):
+    """Eq. 6: L_stochastic_recon_partial, per sample s a fresh subset M^(s) masked by r^(s)."""
+    return [{n: r[n] for n in random_layer_subset(list(r))} for r in R]
+
+
+RECONSTRUCTIONS = {"recon": recon_masks, "stochastic_recon": stochastic_recon_masks,
+                   "layerwise_recon": layerwise_recon_masks,
+                   "stochastic_layerwise_recon": stochastic_layerwise_recon_masks,
+                   "partial_recon": partial_recon_masks,
+                   "stochastic_partial_recon": stochastic_partial_recon_masks}
+
+
+def reconstruction_losses(spd, x, target_logits, g, R, names, weight=None, last_token_only=False):
+    """The named reconstruction losses {name: value}, all from one batched forward.
+
+    Each is the mean over its mask sets of kl_divergence(f(x | masks), f(x | W)), on the final
+    position only if last_token_only, else over positions weighted by `weight` (B, S)."""
+    sets = {n: RECONSTRUCTIONS[n](g, R) for n in names}
+    flat = [m for n in names for m in sets[n]]
+    if not flat:
+        return {}
+    logits = spd.run_mask_sets(x, flat)                          # (K, B, S, V)
+    if last_token_only:
+        logits, target_logits, weight = logits[:, :, -1], target_logits[:, -1], None
+    kl = torch.stack([kl_divergence(lg, target_logits, weight) for lg in logits])  # (K,)
+    out, k = {}, 0
+    for n in names:
+        out[n] = kl[k: k + len(sets[n])].mean()
+        k += len(sets[n])
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 6. Training step (Algorithm 3) and loop
+
+@dataclass
+class Config:
+    """SPD hyperparameters; defaults are the paper's induction-head values (Table 4)."""
+    C: int = 100                              # subcomponents per decomposed matrix
+    ci: str = "attention"                     # causal-importance function: scalar|vector|attention
+    d_gate: int = 16                          # hidden width D_gate of each γ_c MLP
+    ci_causal: bool = True                    # attention CI: causal mask (the paper is silent)
+    beta_faithfulness: float = 1000.0         # β of each loss (Table 4 / A.3.1)
+    beta_minimality: float = 0.02
+    beta_recon: float = 0.5
+    beta_stochastic_recon: float = 1.0
+    beta_layerwise_recon: float = 0.0
+    beta_stochastic_layerwise_recon: float = 1.0
+    beta_partial_recon: float = 0.0
+    beta_stochastic_partial_recon: float = 0.0
+    n_mask_samples: int = 1                   # S in Eq. 2, 3, 6
+    p_start: float = 0.9                      # minimality exponent p, annealed linearly ...
+    p_final: float = 0.1                      # ... to this over the run
+    last_token_only: bool = True              # reconstruction KL on the final position only
+    steps: int = 100_000
+    batch_size: int = 1024
+    optimizer: str = "adam"                   # adam | adamw
+    lr: float = 1e-3
+    weight_decay: float = 0.0                 # AdamW only
+    lr_schedule: str = "cosine"               # constant | cosine (to 0)
+    lr_warmup: float = 0.0                    # linear warm-up, as a fraction of steps
+    faithfulness_warmup_steps: int = 0        # first fit U V to W on faithfulness alone ...
+    faithfulness_warmup_lr: float = 0.01      # ... with Adam at this lr (SPD's code does this)
+    seed: int = 0
+    log_every: int = 500                      # steps between log lines
+    device: str = "cpu"
+
+
+def minimality_p(cfg, step):
+    """p annealed linearly from p_start to p_final over the run."""
+    return cfg.p_start + (cfg.p_final - cfg.p_start) * step / max(cfg.steps - 1, 1)
+
+
+def lr_at(cfg, step):
+    warm = int(cfg.lr_warmup * cfg.steps)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(cfg.steps - warm, 1)))
+    return cfg.lr
+
+
+def training_step(spd, x, cfg, step, weight=None):
+    """One SPD step (Algorithm 3) on batch x; returns (total loss, {term: value}, g).
+
+    weight (B, S), optional: which positions count (e.g. not padding)."""
+    # 1) Y <- M_θ(X): the target's logits, and each decomposed layer's input
+    target_logits, inputs = spd.target_forward(x)
+    # 2) C <- C_φ(X): causal importances, lower-leaky for masks, upper-leaky for minimality
+    pre = spd.causal_importance(inputs)
+    g = {n: leaky_hard_sigmoid(v) for n, v in pre.items()}
+    g_upper = {n: leaky_hard_sigmoid(v, upper=True) for n, v in pre.items()}
+    # 3) R <- SampleMasks(C): S samples, shared by every stochastic loss
+    R = [{n: sample_masks(v) for n, v in g.items()} for _ in range(cfg.n_mask_samples)]
+    # 4) the decomposed model under all masks of all reconstruction losses, in one forward
+    names = [n for n in RECONSTRUCTIONS if getattr(cfg, "beta_" + n) != 0]
+    terms = reconstruction_losses(spd, x, target_logits, g, R, names, weight,
+                                  cfg.last_token_only)
+    terms["faithfulness"] = faithfulness_loss(spd)
+    terms["minimality"] = importance_minimality_loss(g_upper, minimality_p(cfg, step), weight)
+    # 5) L = Σ_k β_k L_k
+    total = sum(getattr(cfg, "beta_" + n) * v for n, v in terms.items())
+    return total, terms, g
+
+
+def make_optimizer(spd, cfg):
+    params = spd.trainable_parameters()
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    raise SPDError(f"unknown optimizer {cfg.optimizer!r}: use adam or adamw")
+
+
+def faithfulness_warmup(spd, cfg):
+    """Fit U V to W on the faithfulness loss alone before the main run (SPD's code does this)."""
+    opt = torch.optim.Adam([p for l in spd.layers.values() for p in (l.U, l.V)],
+                           lr=cfg.faithfulness_warmup_lr)
+    for _ in range(cfg.faithfulness_warmup_steps):
+        loss = faithfulness_loss(spd)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return faithfulness_loss(spd).item()
+
+
+def train(spd, cfg, next_batch, log=print):
+    """Train U, V and the CI functions for cfg.steps steps (Algorithm 3 in a loop).
+
+    next_batch() returns x, or (x, weight) with weight (B, S) marking the positions that count.
+    Returns the history: one dict of loss terms and mean L0 per layer per log line."""
+    from tqdm import tqdm
+    torch.manual_seed(cfg.seed)
+    frozen = {n: p.detach().clone() for n, p in spd.named_parameters() if not p.requires_grad}
+    if cfg.faithfulness_warmup_steps:
+        log(f"faithfulness warm-up: {cfg.faithfulness_warmup_steps} steps -> "
+            f"L_faithful {faithfulness_warmup(spd, cfg):.2e}")
+    opt = make_optimizer(spd, cfg)
+    history, t0 = [], time.time()
+    bar = tqdm(range(cfg.steps), desc="SPD", mininterval=1.0, leave=False)
+    for step in bar:
+        batch = next_batch()
+        x, weight = batch if isinstance(batch, tuple) else (batch, None)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        total, terms, g = training_step(spd, x, cfg, step, weight)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            row = {"step": step, "total": total.item(), **{k: v.item() for k, v in terms.items()},
+                   "L0": {n: v.item() for n, v in mean_l0(g, weight).items()},
+                   "it/s": (step + 1) / (time.time() - t0)}
+            history.append(row)
+            bar.set_postfix_str(" ".join(f"{k}={row[k]:.2e}" for k in terms))
+            log(f"step {step:6d} | " + " ".join(f"{k} {row[k]:.2e}" for k in ["total", *terms])
+                + " | L0 " + " ".join(f"{v:.1f}" for v in row["L0"].values())
+                + f" | {row['it/s']:.1f} it/s")
+    assert all(torch.equal(p, frozen[n]) for n, p in spd.named_parameters() if n in frozen), \
+        "the target's parameters changed"
+    return history
+
+
+# -----------------------------------------------------------------------------
+# 7. Interventions (Sec. 5.2): suppress subcomponents by orthogonal projection
+
+def orthogonal_projection(W, u, v):
+    """W - Σ_k (û_kᵀ W v̂_k) û_k v̂_kᵀ with û = u/|u|, v̂ = v/|v| (Sec. 5.2); an edited copy.
+
+    W (d_out, d_in), u (k, d_out) output directions, v (k, d_in) input directions."""
+    if W.dim() != 2 or u.dim() != 2 or v.dim() != 2 or u.shape != (len(v), W.shape[0]) \
+            or v.shape[1] != W.shape[1]:
+        raise SPDError(f"orthogonal_projection needs W (d_out, d_in), u (k, d_out), v (k, d_in); "
+                       f"got W {tuple(W.shape)}, u {tuple(u.shape)}, v {tuple(v.shape)}")
+    u = u / u.norm(dim=1, keepdim=True)
+    v = v / v.norm(dim=1, keepdim=True)
+    coef = torch.einsum("ko,oi,ki->k", u, W, v)                 # û_kᵀ W v̂_k
+    return W - torch.einsum("k,ko,ki->oi", coef, u, v)          # (d_out, d_in)
+
+
+@torch.no_grad()
+def suppress_subcomponents(target, spd, chosen):
+    """A copy of `target` with each chosen subcomponent's direction pair (U[:, c], V[c]) projected
+    out of its layer's weight. chosen: {layer name: [c, ...]}. The caller's model is untouched."""
+    edited = copy.deepcopy(target)
+    for name, cs in chosen.items():
+        if name not in spd.layers:
+            raise SPDError(f"{name!r} is not a decomposed layer; decomposed: {_short(list(spd.layers))}")
+        layer = spd.layers[name]
+        W = layer_weight(edited.get_submodule(name))           # a view into the copy's weight
+        W.copy_(orthogonal_projection(W, layer.U[:, cs].T, layer.V[cs]))
+    return edited
+
+
+# -----------------------------------------------------------------------------
+# 8. Save / load
+
+def target_identity(spd):
+    """Shape and SHA-256 of every decomposed target weight: a fingerprint of the target."""
+    return {n: [list(l.W.shape), hashlib.sha256(l.W.detach().cpu().contiguous().numpy()
+                                                .tobytes()).hexdigest()]
+            for n, l in spd.layers.items()}
+
+
+def save(spd, path, config=None):
+    """One file: U, V, the CI parameters, the SPDModel spec, a config and the target's identity."""
+    if dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)
+    keep = {n for n, p in spd.named_parameters() if p.requires_grad}
+    torch.save({"state": {k: v.detach().cpu() for k, v in spd.state_dict().items() if k in keep},
+                "spec": spd.spec, "config": config or {}, "identity": target_identity(spd)}, path)
+
+
+def load(path, target):
+    """(SPDModel on `target`, saved config) from a file written by `save`."""
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise SPDError(f"no decomposition at {path}: train one first") from None
+    spd = SPDModel(target, **ckpt["spec"])
+    mine = target_identity(spd)
+    for name, (shape, digest) in ckpt["identity"].items():
+        if mine[name][0] != shape or mine[name][1] != digest:
+            raise SPDError(f"{path} was made for a different target: layer {name!r} has "
+                           f"shape {mine[name][0]} (saved {shape}) or different weights")
+    dev = next(iter(spd.layers.values())).W.device
+    spd.load_state_dict({k: v.to(dev) for k, v in ckpt["state"].items()}, strict=False)
+    return spd, ckpt["config"]
+
+
+# -----------------------------------------------------------------------------
+# 9. Measures
+
+def mean_l0(g, weight=None, threshold=0.0):
+    """{layer: mean number of subcomponents with g > threshold per position}."""
+    out = {}
+    for n, v in g.items():
+        l0 = (v > threshold).float().sum(-1)                    # (B, S)
+        out[n] = l0.mean() if weight is None else (l0 * weight).sum() / weight.sum()
+    return out
+
+
+def active_subcomponents(g, threshold=0.0, weight=None):
+    """{layer: sorted subcomponent indices with g > threshold somewhere (where weight > 0)}."""
+    out = {}
+    for n, v in g.items():
+        on = v > threshold                                      # (B, S, C)
+        if weight is not None:
+            on = on & (weight[..., None] > 0)
+        out[n] = on.flatten(0, -2).any(0).nonzero().flatten().tolist()
+    return out

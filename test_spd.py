@@ -1,0 +1,406 @@
+"""Tests for spd.py: each numeric check against an independent reference (hand-made tensors,
+dense re-computation, loops). Run: python -m pytest -q"""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import spd
+
+torch.set_num_threads(1)  # tiny tensors: one thread is fastest and immune to a busy core
+
+
+# -----------------------------------------------------------------------------
+# a tiny attention-only model with the module names of induction.py
+
+class Attn(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d, bias=False)
+                                                                for _ in range(4))
+
+    def forward(self, x, pos):
+        q, k, v = self.q_proj(x + pos), self.k_proj(x + pos), self.v_proj(x)
+        S = x.shape[1]
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(
+            torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+        return self.out_proj(scores.softmax(-1) @ v)
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.attn = Attn(d)
+
+
+class Tiny(nn.Module):
+    def __init__(self, vocab=11, d=8, n_layers=2, seq=6):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(seq, d))
+        self.blocks = nn.ModuleList(Block(d) for _ in range(n_layers))
+        self.unembed = nn.Linear(d, vocab)
+
+    def forward(self, t):
+        x, p = self.embed(t), self.pos[: t.shape[1]]
+        for b in self.blocks:
+            x = x + b.attn(x, p)
+        return self.unembed(x)
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    return Tiny(**kw)
+
+
+def copy_decomposition(src, dst):
+    keep = {n for n, p in src.named_parameters() if p.requires_grad}
+    dst.load_state_dict({k: v for k, v in src.state_dict().items() if k in keep}, strict=False)
+
+
+def exact_components(s):
+    """Set U V = W exactly (needs C >= min(d_out, d_in)): U = W, V = I padded."""
+    with torch.no_grad():
+        for layer in s.layers.values():
+            d_out, d_in = layer.W.shape
+            layer.V.zero_()
+            layer.U.zero_()
+            layer.V[:d_in] = torch.eye(d_in)
+            layer.U[:, :d_in] = layer.W
+
+
+# -----------------------------------------------------------------------------
+# 1-2. decomposed layers, Linear vs Conv1D, model running modes
+
+def test_faithfulness_hand_computation():
+    m = tiny()
+    s = spd.SPDModel(m, ["blocks.0.attn.q_proj", "blocks.1.attn.v_proj"], C=3)
+    num, count = 0.0, 0
+    for layer in s.layers.values():
+        W, U, V = layer.W.double(), layer.U.double(), layer.V.double()
+        for i in range(W.shape[0]):
+            for j in range(W.shape[1]):
+                num += (W[i, j] - sum(U[i, c] * V[c, j] for c in range(3))) ** 2
+                count += 1
+    assert torch.allclose(spd.faithfulness_loss(s).double(), num / count, rtol=1e-5)
+
+
+def test_linear_and_conv1d_agree():
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(5, 3))
+    conv = nn.Sequential(Conv1D(3, 5))
+    with torch.no_grad():
+        conv[0].weight.copy_(lin[0].weight.T)
+        conv[0].bias.copy_(lin[0].bias)
+    a, b = spd.SPDModel(lin, "0", C=4), spd.SPDModel(conv, "0", C=4)
+    copy_decomposition(a, b)
+    x = torch.randn(2, 7, 5)
+    alpha = torch.rand(2, 7, 4)
+    assert torch.allclose(spd.faithfulness_loss(a), spd.faithfulness_loss(b), rtol=1e-6, atol=0)
+    assert torch.allclose(a(x, {"0": alpha}), b(x, {"0": alpha}), atol=1e-6)
+    assert torch.allclose(a(x), lin(x), atol=1e-6) and torch.allclose(b(x), lin(x), atol=1e-6)
+    # the decomposed output is the formula U (alpha ⊙ V x) + b, computed by hand
+    L = a.layers["0"]
+    ref = torch.einsum("oc,bsc,ci,bsi->bso", L.U, alpha, L.V, x) + lin[0].bias
+    assert torch.allclose(a(x, {"0": alpha}), ref, atol=1e-6)
+
+
+def test_exact_components_reproduce_target():
+    m = tiny()
+    s = spd.SPDModel(m, "blocks.*.attn.*", C=8)
+    exact_components(s)
+    t = torch.randint(0, 11, (3, 6))
+    ones = {n: torch.ones(3, 6, 8) for n in s.layers}
+    assert spd.faithfulness_loss(s).item() == 0
+    assert torch.allclose(s(t, ones), m(t), atol=1e-5)
+    assert torch.equal(s(t), m(t))  # no mask: the target itself
+
+
+def test_run_mask_sets_equals_separate_forwards():
+    """The batched forward (rows, index_copy) equals one forward per mask set."""
+    m = tiny()
+    s = spd.SPDModel(m, "blocks.*.attn.*", C=5)
+    t = torch.randint(0, 11, (3, 6))
+    names = list(s.layers)
+    sets = [{}, {n: torch.rand(3, 6, 5) for n in names}, {names[2]: torch.rand(3, 6, 5)},
+            {names[0]: torch.rand(3, 6, 5), names[5]: torch.rand(3, 6, 5)}]
+    batched = s.run_mask_sets(t, sets)
+    for k, masks in enumerate(sets):
+        assert torch.allclose(batched[k], s(t, masks), atol=1e-6)
+    # a layer absent from a set really is the target weight there
+    only = s(t, {names[2]: torch.ones(3, 6, 5)})
+    ref = m.__class__.forward(s.model, t)  # same modules, mask state cleared: target
+    assert torch.allclose(ref, m(t), atol=1e-6) and not torch.allclose(only, m(t), atol=1e-3)
+
+
+def test_target_forward_records_inputs():
+    m = tiny()
+    s = spd.SPDModel(m, "blocks.0.attn.v_proj", C=2)
+    t = torch.randint(0, 11, (2, 6))
+    logits, inputs = s.target_forward(t)
+    assert torch.equal(logits, m(t))
+    assert torch.allclose(inputs["blocks.0.attn.v_proj"], m.embed(t))
+
+
+# -----------------------------------------------------------------------------
+# 3. causal importance
+
+def test_gamma_mlps_match_a_loop_over_c():
+    torch.manual_seed(0)
+    C, H, n_in = 4, 3, 5
+    vec, sca = spd.GammaMLPs(C, H, n_in), spd.GammaMLPs(C, H)
+    x, a = torch.randn(2, 3, n_in), torch.randn(2, 3, C)
+    for c in range(C):
+        W1 = vec.W1[c * H:(c + 1) * H]                       # γ_c's own first layer (H, n_in)
+        ref = F.gelu(x @ W1.T + vec.b1[c * H:(c + 1) * H]) @ vec.W2[c] + vec.b2[c]
+        assert torch.allclose(vec(x)[..., c], ref, atol=1e-6)
+        ref = F.gelu(a[..., c:c + 1] * sca.W1[c] + sca.b1[c * H:(c + 1) * H]) @ sca.W2[c] + sca.b2[c]
+        assert torch.allclose(sca(a)[..., c], ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_fallback_equals_flex(causal):
+    torch.manual_seed(0)
+    B, S, d = 2, 12, 16
+    q, k, v, r = torch.randn(B, S, d), torch.randn(B, S, d), torch.randn(B, S, d), torch.randn(2 * S - 1)
+    try:
+        with torch.no_grad():
+            flex = spd.ci_attention(q, k, v, r, causal, flex=True)
+    except Exception as e:  # pragma: no cover - depends on the torch build
+        pytest.skip(f"flex-attention cannot run here: {type(e).__name__}")
+    math_path = spd.ci_attention(q, k, v, r, causal, flex=False)
+    assert torch.allclose(flex, math_path, atol=1e-5)
+    # and both equal a loop over query/key pairs (Eq. 4 written out)
+    ref = torch.zeros(B, S, d)
+    for i in range(S):
+        js = range(i + 1) if causal else range(S)
+        scores = torch.stack([(q[:, i] * k[:, j]).sum(-1) + r[i - j + S - 1] for j in js], -1)
+        w = (scores / math.sqrt(d)).softmax(-1)
+        ref[:, i] = sum(w[:, n, None] * v[:, j] for n, j in enumerate(js))
+    assert torch.allclose(math_path, ref, atol=1e-5)
+
+
+def test_attention_ci_is_position_dependent():
+    torch.manual_seed(0)
+    ci = spd.AttentionCI(d=8, C=5, H=4, max_seq_len=10)
+    with torch.no_grad():
+        ci.rel.normal_()
+    x = torch.randn(1, 1, 8).expand(1, 10, 8)  # the same token at every position
+    g = ci(x)
+    assert not torch.allclose(g[0, 3], g[0, 7], atol=1e-4)
+    vec = spd.VectorCI(8, 5, 4)
+    assert torch.allclose(vec(x)[0, 3], vec(x)[0, 7])  # the vector CI cannot tell them apart
+    with pytest.raises(spd.SPDError, match="max_seq_len"):
+        ci(torch.randn(1, 11, 8))
+
+
+# -----------------------------------------------------------------------------
+# 4. leaky hard sigmoids and masks
+
+def test_leaky_hard_sigmoids():
+    x = torch.tensor([-2.0, 0.5, 3.0], requires_grad=True)
+    lo = spd.leaky_hard_sigmoid(x)
+    assert torch.equal(lo, torch.tensor([0.0, 0.5, 1.0]))
+    lo.sum().backward()
+    assert torch.allclose(x.grad, torch.tensor([0.01, 1.0, 0.0]))
+    x.grad = None
+    up = spd.leaky_hard_sigmoid(x, upper=True)
+    assert torch.allclose(up, torch.tensor([0.0, 0.5, 1.02]))
+    up.sum().backward()
+    assert torch.allclose(x.grad, torch.tensor([0.0, 1.0, 0.01]))
+
+
+def test_sample_masks_distribution_and_gradient():
+    torch.manual_seed(0)
+    g = torch.tensor([0.0, 0.3, 0.9, 1.0]).repeat(200_000, 1).requires_grad_()
+    alpha = spd.sample_masks(g)
+    assert alpha.shape == g.shape
+    assert (alpha >= g).all() and (alpha <= 1).all()
+    assert torch.equal(alpha[:, 3], torch.ones(200_000))
+    lo = g[0].detach()
+    assert torch.allclose(alpha.mean(0), (1 + lo) / 2, atol=3e-3)           # mean of U(g, 1)
+    assert torch.allclose(alpha.var(0), (1 - lo) ** 2 / 12, atol=2e-3)      # variance of U(g, 1)
+    alpha.sum().backward()
+    assert (g.grad > 0).all()  # d alpha / d g = 1 - u
+
+
+# -----------------------------------------------------------------------------
+# 5. losses
+
+def test_kl_divergence_hand_computation():
+    p = torch.tensor([[0.2, 0.8], [0.5, 0.5]])
+    q = torch.tensor([[0.4, 0.6], [0.9, 0.1]])
+    ref = ((p * (p / q).log()).sum(-1)).mean()
+    assert torch.allclose(spd.kl_divergence(q.log(), p.log()), ref, atol=1e-6)
+    w = torch.tensor([1.0, 0.0])
+    assert torch.allclose(spd.kl_divergence(q.log(), p.log(), w), (p[0] * (p[0] / q[0]).log()).sum())
+    assert spd.kl_divergence(p.log(), p.log()).abs() < 1e-7
+
+
+def test_minimality_hand_computation():
+    g = {"a": torch.tensor([[[0.5, 0.0], [1.0, 0.25]]]), "b": torch.tensor([[[0.0], [0.0]]])}
+    p = 0.5
+    ref = ((0.5 ** p + 0) + (1 + 0.25 ** p)) / 2  # Σ over layers and c, mean over positions
+    assert abs(spd.importance_minimality_loss(g, p).item() - ref) < 1e-5
+    zeros = {"a": torch.zeros(2, 3, 4)}
+    assert spd.importance_minimality_loss(zeros, 0.9).item() < 1e-9
+
+
+def test_reconstruction_losses_zero_and_dense_reference():
+    m = tiny()
+    s = spd.SPDModel(m, "blocks.*.attn.*", C=8)
+    t = torch.randint(0, 11, (4, 6))
+    target = m(t)
+    names = list(spd.RECONSTRUCTIONS)
+    # exact components and g = 1: every reconstruction is the target, every loss 0
+    exact_components(s)
+    g1 = {n: torch.ones(4, 6, 8) for n in s.layers}
+    R1 = [{n: spd.sample_masks(v) for n, v in g1.items()} for _ in range(2)]
+    for last in (False, True):
+        for v in spd.reconstruction_losses(s, t, target, g1, R1, names, last_token_only=last).values():
+            assert v.abs().item() < 1e-6
+    # random g: each loss equals a dense recomputation with one forward per mask set
+    torch.manual_seed(1)
+    g = {n: torch.rand(4, 6, 8) for n in s.layers}
+    R = [{n: spd.sample_masks(v) for n, v in g.items()} for _ in range(2)]
+    got = spd.reconstruction_losses(s, t, target, g, R, names[:4])
+    kl = lambda masks: spd.kl_divergence(s(t, masks), target)
+    assert torch.allclose(got["recon"], kl(g), atol=1e-6)
+    assert torch.allclose(got["stochastic_recon"], (kl(R[0]) + kl(R[1])) / 2, atol=1e-6)
+    assert torch.allclose(got["layerwise_recon"],
+                          sum(kl({n: g[n]}) for n in g) / len(g), atol=1e-6)
+    assert torch.allclose(got["stochastic_layerwise_recon"],
+                          sum(kl({n: r[n]}) for r in R for n in r) / (2 * len(g)), atol=1e-6)
+    last = spd.reconstruction_losses(s, t, target, g, R, ["recon"], last_token_only=True)
+    assert torch.allclose(last["recon"], spd.kl_divergence(s(t, g)[:, -1], target[:, -1]), atol=1e-6)
+
+
+def test_partial_subsets_are_random_nonempty():
+    torch.manual_seed(0)
+    names = ["a", "b", "c"]
+    seen = {tuple(spd.random_layer_subset(names)) for _ in range(300)}
+    assert len(seen) == 7 and () not in seen  # all 2^3 - 1 non-empty subsets occur
+    g = {n: torch.rand(1, 2, 3) for n in names}
+    sets = spd.stochastic_partial_recon_masks(g, [g, g, g])
+    assert len(sets) == 3 and all(0 < len(m) <= 3 for m in sets)
+
+
+# -----------------------------------------------------------------------------
+# 6. training
+
+@pytest.mark.parametrize("ci", ["scalar", "vector", "attention"])
+def test_short_run_lowers_loss_and_keeps_target(ci):
+    m = tiny()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    s = spd.SPDModel(m, "blocks.*.attn.*", C=6, ci=ci, d_gate=4, max_seq_len=6)
+    cfg = spd.Config(ci=ci, steps=60, lr=1e-2, log_every=1000, beta_partial_recon=1,
+                     beta_stochastic_partial_recon=1, beta_layerwise_recon=1, last_token_only=False)
+    gen = torch.Generator().manual_seed(0)
+    batch = lambda: torch.randint(0, 11, (8, 6), generator=gen)
+    torch.manual_seed(0)
+    x = batch()
+    first = spd.training_step(s, x, cfg, 0)[0].item()
+    hist = spd.train(s, cfg, batch, log=lambda *a: None)
+    torch.manual_seed(0)
+    last = spd.training_step(s, x, cfg, 0)[0].item()
+    assert last < 0.5 * first, (first, last)
+    assert hist[-1]["faithfulness"] < hist[0]["faithfulness"]
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    frozen = [(n.removeprefix("model.").replace(".target.", "."), p)
+              for n, p in s.named_parameters() if not p.requires_grad]
+    assert len(frozen) == len(before) and all(torch.equal(p, before[n]) for n, p in frozen)
+
+
+def test_lr_schedule_and_p_annealing():
+    cfg = spd.Config(steps=101, lr=1.0, lr_warmup=0.1, lr_schedule="cosine", p_start=0.9, p_final=0.1)
+    assert spd.lr_at(cfg, 0) == pytest.approx(0.1) and spd.lr_at(cfg, 10) == pytest.approx(1.0)
+    assert spd.lr_at(cfg, 100) < 1e-3
+    assert spd.minimality_p(cfg, 0) == 0.9 and spd.minimality_p(cfg, 100) == pytest.approx(0.1)
+    assert spd.minimality_p(cfg, 50) == pytest.approx(0.5)
+
+
+# -----------------------------------------------------------------------------
+# 7. orthogonal projection
+
+def test_orthogonal_projection_properties():
+    torch.manual_seed(0)
+    W = torch.randn(6, 4, dtype=torch.float64)
+    u, v = torch.randn(1, 6, dtype=torch.float64), torch.randn(1, 4, dtype=torch.float64)
+    Wp = spd.orthogonal_projection(W, u, v)
+    uh, vh = u[0] / u.norm(), v[0] / v.norm()
+    assert abs(uh @ Wp @ vh) < 1e-12                                      # the pair is gone
+    x_perp = torch.randn(4, dtype=torch.float64)
+    x_perp -= (x_perp @ vh) * vh
+    assert torch.allclose(Wp @ x_perp, W @ x_perp)                       # inputs ⊥ v untouched
+    y_perp = torch.randn(6, dtype=torch.float64)
+    y_perp -= (y_perp @ uh) * uh
+    assert torch.allclose(y_perp @ Wp, y_perp @ W)                       # outputs ⊥ u untouched
+    assert torch.allclose(spd.orthogonal_projection(Wp, u, v), Wp)      # idempotent
+    assert torch.allclose(Wp, W - (uh @ W @ vh) * torch.outer(uh, vh))  # the dense formula
+    with pytest.raises(spd.SPDError, match="u \\(k, d_out\\)"):
+        spd.orthogonal_projection(W, v, u)
+
+
+def test_suppress_subcomponents_linear_and_conv1d_agree():
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(5, 3))
+    conv = nn.Sequential(Conv1D(3, 5))
+    with torch.no_grad():
+        conv[0].weight.copy_(lin[0].weight.T)
+        conv[0].bias.copy_(lin[0].bias)
+    a, b = spd.SPDModel(lin, "0", C=4), spd.SPDModel(conv, "0", C=4)
+    copy_decomposition(a, b)
+    ea, eb = spd.suppress_subcomponents(lin, a, {"0": [1, 3]}), spd.suppress_subcomponents(conv, b, {"0": [1, 3]})
+    L = a.layers["0"]
+    ref = spd.orthogonal_projection(lin[0].weight, L.U[:, [1, 3]].T, L.V[[1, 3]])
+    assert torch.allclose(ea[0].weight, ref) and torch.allclose(eb[0].weight.T, ref)
+    x = torch.randn(2, 5)
+    assert torch.allclose(ea(x), eb(x), atol=1e-6)
+    assert torch.equal(conv[0].weight, lin[0].weight.T)  # the caller's models are untouched
+    with pytest.raises(spd.SPDError, match="not a decomposed layer"):
+        spd.suppress_subcomponents(lin, a, {"1": [0]})
+
+
+# -----------------------------------------------------------------------------
+# 8-9. save / load, measures, bad input
+
+def test_save_load_roundtrip_and_mismatch(tmp_path):
+    m = tiny()
+    s = spd.SPDModel(m, "blocks.*.attn.q_proj", C=3, ci="attention", d_gate=4, max_seq_len=6)
+    path = tmp_path / "spd.pt"
+    spd.save(s, path, spd.Config(C=3))
+    s2, cfg = spd.load(path, m)
+    assert cfg["C"] == 3
+    t = torch.randint(0, 11, (2, 6))
+    _, inputs = s.target_forward(t)
+    for (n, a), b in zip(s.causal_importance(inputs).items(), s2.causal_importance(inputs).values()):
+        assert torch.equal(a, b)
+    with pytest.raises(spd.SPDError, match="different target"):
+        spd.load(path, tiny(seed=1))
+    with pytest.raises(spd.SPDError, match="no decomposition at"):
+        spd.load(tmp_path / "missing.pt", m)
+
+
+def test_bad_patterns_are_one_line_errors():
+    m = tiny()
+    with pytest.raises(spd.SPDError) as e:
+        spd.SPDModel(m, "blocks.*.mlp", C=2)
+    assert "matches no module" in str(e.value) and "blocks.0.attn.q_proj" in str(e.value)
+    assert "\n" not in str(e.value)
+    with pytest.raises(spd.SPDError, match="cannot be decomposed"):
+        spd.SPDModel(m, "blocks.*.attn", C=2)
+    with pytest.raises(spd.SPDError, match="unknown CI"):
+        spd.SPDModel(m, "blocks.0.attn.q_proj", C=2, ci="mlp")
+
+
+def test_measures():
+    g = {"a": torch.tensor([[[0.0, 0.5, 0.2], [0.05, 0.0, 0.0]]])}
+    assert spd.mean_l0(g, threshold=0.1)["a"].item() == pytest.approx(1.0)
+    assert spd.active_subcomponents(g, threshold=0.01)["a"] == [0, 1, 2]
+    assert spd.active_subcomponents(g, threshold=0.1)["a"] == [1, 2]
+    w = torch.tensor([[0.0, 1.0]])
+    assert spd.active_subcomponents(g, threshold=0.01, weight=w)["a"] == [0]

@@ -23,6 +23,7 @@ Left out: everything the paper does not use (other CI variants, distributed trai
 experiment tracking). Run `python induction.py` (Table 1) or `python gpt2_facts.py --model=tiny`.
 Only torch is needed here.
 """
+import contextlib
 import copy
 import dataclasses
 import fnmatch
@@ -162,7 +163,8 @@ class SPDModel(nn.Module):
         target weight in that set's rows (the layerwise and partial losses need this).
         Returns logits (K, B, S, vocab)."""
         K, B = len(mask_sets), x.shape[0]
-        for name, layer in self.layers.items():
+        stacked = {}
+        for name in self.layers:
             ks = [k for k, m in enumerate(mask_sets) if name in m]
             if not ks:
                 continue
@@ -170,13 +172,22 @@ class SPDModel(nn.Module):
             rows = None if len(ks) == K else (
                 torch.tensor(ks, device=x.device)[:, None] * B
                 + torch.arange(B, device=x.device)).flatten()                     # (len(ks)·B,)
-            layer.mask = (alpha, rows)
-        try:
+            stacked[name] = (alpha, rows)
+        with self.masked(stacked):
             out = self.logits(self.model(x.repeat(K, *[1] * (x.dim() - 1))))     # (K·B, S, V)
+        return out.view(K, B, *out.shape[1:])
+
+    @contextlib.contextmanager
+    def masked(self, masks):
+        """Inside, self.model(...) runs with {name: alpha} (or {name: (alpha, rows)}) set; use it
+        to call the model with its own arguments, e.g. to read attention patterns."""
+        for name, m in masks.items():
+            self.layers[name].mask = m if isinstance(m, tuple) else (m, None)
+        try:
+            yield self.model
         finally:
             for layer in self.layers.values():
                 layer.mask = None
-        return out.view(K, B, *out.shape[1:])
 
     @torch.no_grad()
     def target_forward(self, x):
@@ -493,6 +504,28 @@ class Config:
     device: str = "cpu"
 
 
+def apply_overrides(cfg, args):
+    """Apply '--key=value' strings to a dataclass config; unknown keys and bad values are errors."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for arg in args:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq:
+            raise SPDError(f"bad argument {arg!r}: use --key=value")
+        if key not in fields:
+            raise SPDError(f"unknown config key {key!r}; known: {', '.join(fields)}")
+        kind = type(getattr(cfg, key))
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise SPDError(f"--{key} needs true or false, got {value!r}")
+            setattr(cfg, key, value.lower() in ("true", "1"))
+            continue
+        try:
+            setattr(cfg, key, kind(float(value)) if kind is int and "e" in value else kind(value))
+        except ValueError:
+            raise SPDError(f"--{key} needs a {kind.__name__}, got {value!r}") from None
+    return cfg
+
+
 def minimality_p(cfg, step):
     """p annealed linearly from p_start to p_final over the run."""
     return cfg.p_start + (cfg.p_final - cfg.p_start) * step / max(cfg.steps - 1, 1)
@@ -657,6 +690,13 @@ def load(path, target):
 
 # -----------------------------------------------------------------------------
 # 9. Measures
+
+@torch.no_grad()
+def causal_importances(spd, x):
+    """{layer: g (B, S, C)}, the lower-leaky causal importances of the target on x."""
+    _, inputs = spd.target_forward(x)
+    return {n: leaky_hard_sigmoid(v) for n, v in spd.causal_importance(inputs).items()}
+
 
 def mean_l0(g, weight=None, threshold=0.0):
     """{layer: mean number of subcomponents with g > threshold per position}."""

@@ -1,38 +1,57 @@
 """
-GPT-2-small fact decomposition and suppression: the model and data half of
-"Decomposition of Small Transformer Models" (arXiv 2511.08854), Sections 5.2, 6.2 and A.3.
+GPT-2-small fact decomposition and suppression: Sections 5.2, 6.2 and A.3 of "Decomposition of
+Small Transformer Models" (arXiv 2511.08854), with the SPD method of spd.py.
 
 The paper decomposes GPT-2-small over two facts that it predicts correctly,
     "Kobe Bryant plays the sport of basketball" and "Tiger Woods plays the sport of golf",
-suppresses the subcomponents unique to each fact, checks that the edit is selective on a
-100-sentence synthetic fact set (A.3.4), and checks that the reversed direction
-("The most famous athlete in golf is" -> " Tiger") survives.
+with the A.3.1 hyperparameters (the "paper" preset below), then:
+  1) counts the active subcomponents per layer and token (paper: 96 in all) and finds those in
+     the layer-0 MLP that are active at a name token ("obe", "Bryant", "Woods") and nowhere in
+     the other example;
+  2) suppresses those directions in the ORIGINAL model by orthogonal projection
+     W <- W - Σ_k (û_kᵀ W v̂_k) û_k v̂_kᵀ (Sec. 5.2) and reads P(golf), P(basketball) on both
+     prompts (paper: golf 0.620 -> 0.090 while basketball stays 0.630);
+  3) checks the edit's selectivity on a 100-fact set (A.3.4, Figure 3);
+  4) splits the Kobe Bryant edit into its first-name and last-name directions (Figure 4);
+  5) checks the reversed prompt "The most famous athlete in golf is" -> " Tiger" (Sec. 6.2);
+  6) zeroes each MLP in turn and reads P(basketball) (A.3.2, Figure 9).
+Tables go to stdout, everything to <out_dir>/results.json (and figures 3, 4, 9 as PNGs if
+matplotlib is importable), the decomposition to <out_dir>/spd.pt.
 
-This file provides:
-  - the data: the two athlete facts, the reversed prompt, and 100 facts in the style of A.3.4
-    (the paper's 30-sentence excerpt verbatim plus 70 of our own; the full set is unpublished);
-  - the models, all `transformers.GPT2LMHeadModel`, so the same Conv1D module paths
-    (transformer.h.{i}.attn.c_attn / attn.c_proj / mlp.c_fc / mlp.c_proj, weight (d_in, d_out))
-    work for each:
-        "gpt2"         the real GPT-2-small (cached hub weights, or a local folder path)
-        "tiny"         a small GPT-2 trained here in seconds to memorise the facts (runs offline)
-        "gpt2-random"  GPT-2-small shapes, random weights: only for memory/speed checks
-  - helpers: split a fact into prompt + target token, pad a batch, read next-token probabilities.
-Left out (comes later): the SPD decomposition itself (spd.py) and the suppression experiments.
+The models, all `transformers.GPT2LMHeadModel` with the same Conv1D module paths
+(transformer.h.{i}.attn.c_attn / attn.c_proj / mlp.c_fc / mlp.c_proj, weight (d_in, d_out)):
+    "gpt2"         the real GPT-2-small (cached hub weights, or a local folder path)
+    "tiny"         a 2-layer GPT-2 with a word-level tokenizer, trained here in seconds on the
+                   facts (the two athletes, the 100 facts, the reversed prompt): runs offline
+    "gpt2-random"  GPT-2-small shapes, random weights: only for memory/speed checks on a GPU
+Left out: the paper's full 100-fact set is unpublished; we use its 30-sentence excerpt verbatim
+plus 70 of our own in the same style. Causal tracing (A.3.2, Figures 7-8) is not reproduced.
 
-Run:  python gpt2_facts.py                 (real GPT-2; needs the weights cached or a local folder)
-      python gpt2_facts.py --model=tiny    (fully offline)
+Run:  python gpt2_facts.py                 (real GPT-2, paper preset; needs the weights, and in
+                                            practice a big GPU: U, V and the CI MLPs are 3.3 B
+                                            parameters, ~49 GiB with gradients and AdamW state)
+      python gpt2_facts.py --model=tiny    (fully offline, tiny preset, ~2.5 min on one core)
+      python gpt2_facts.py --model=gpt2-random --steps=200   (speed and memory at full size)
+      any FactsConfig field as --key=value, e.g. --steps=500 --C=32 --threshold=0.1
+
+Dimensions: B batch (the two facts), S sequence, C subcomponents per matrix.
 """
 
+import copy
+import dataclasses
+import json
 import os
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+import spd
 
 # -----------------------------------------------------------------------------
 # data
@@ -175,8 +194,8 @@ class WordTokenizer:
         assert not unknown, f"words not in the WordTokenizer vocabulary: {unknown}"
         return [self.ids[w] for w in text.split()]
 
-    def decode(self, ids):
-        return " ".join(self.words[int(i)] for i in ids)
+    def decode(self, ids):  # ids beyond the vocabulary (gpt2-random's 50257 logits) read "<id>"
+        return " ".join(self.words[int(i)] if int(i) < len(self.words) else f"<{int(i)}>" for i in ids)
 
 def split_prompt(tokenizer, sentence):
     """A fact -> (prompt_ids, target_id): the prompt is everything before the final word, the target
@@ -207,11 +226,11 @@ NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # every mode
 class WeightsUnavailableError(RuntimeError):
     """GPT-2 weights could not be loaded (typically: no model hub and nothing cached)."""
 
-def load_model(name="gpt2", device="cpu"):
+def load_model(name="gpt2", device="cpu", tiny_path=TINY_PATH):
     """name: "gpt2" (or any hub id / local folder with config.json + weights), "tiny", or
     "gpt2-random". Returns (model in eval mode, float32, dropout 0, on device; tokenizer)."""
     if name == "tiny":
-        model, tokenizer = load_tiny()
+        model, tokenizer = load_tiny(tiny_path)
     elif name == "gpt2-random":
         torch.manual_seed(0)  # GPT-2-small shapes; the word tokenizer's ids all fit in its vocab
         model, tokenizer = GPT2LMHeadModel(GPT2Config(**NO_DROPOUT)), WordTokenizer()
@@ -312,24 +331,430 @@ def predicts_final_word(model, tokenizer, sentences):
     target_ids = torch.tensor([tokenizer.encode(" " + w)[0] for w in targets])
     return last_logits(model, tokenizer, list(prompts)).argmax(-1).cpu() == target_ids
 
+def final_word_probs(model, tokenizer, sentences):
+    """P(first token of " " + final word | prompt) for each sentence: (len(sentences),) on the CPU."""
+    prompts, words = zip(*(s.rsplit(" ", 1) for s in sentences))
+    target_ids = torch.tensor([tokenizer.encode(" " + w)[0] for w in words])
+    probs = last_logits(model, tokenizer, list(prompts)).softmax(-1).cpu()   # (N, vocab)
+    return probs[torch.arange(len(sentences)), target_ids]
+
+def token_strings(tokenizer, ids):
+    """Each id decoded on its own ("K", "obe", " Bryant" for GPT-2's BPE)."""
+    return [tokenizer.decode([int(i)]) for i in ids]
+
 # -----------------------------------------------------------------------------
-# minimal demo (to be replaced by the decomposition + suppression experiment)
+# config and presets
+
+DEFAULT_PATTERNS = ("transformer.h.*.attn.c_attn,transformer.h.*.attn.c_proj,"
+                    "transformer.h.*.mlp.c_fc,transformer.h.*.mlp.c_proj")
+ATHLETES = [("Kobe", "Bryant"), ("Tiger", "Woods")]   # the names of ATHLETE_FACTS, in order
+SPORTS = ["basketball", "golf"]                       # their final words, in order
+
+@dataclass
+class FactsConfig(spd.Config):
+    """spd.Config plus this script's own fields. The SPD hyperparameters come from a preset
+    (PRESETS) and then from --key=value overrides; spd.Config's defaults are the induction task's."""
+    model: str = "gpt2"               # "gpt2" (or another hub id, or a local folder), "tiny", "gpt2-random"
+    preset: str = ""                  # a PRESETS key; "" = "tiny" for --model=tiny, else "paper"
+    patterns: str = DEFAULT_PATTERNS  # globs of the layers to decompose: every block's linear maps
+    edit_patterns: str = "transformer.h.0.mlp.c_fc,transformer.h.0.mlp.c_proj"  # where the unique
+                                      # directions are looked for: "the layer 0 MLP", both its matrices
+    threshold: float = 0.0            # subcomponent c is active at a token when g_c > threshold (as L0)
+    out_dir: str = "runs/gpt2_facts"  # results.json, spd.pt and (with matplotlib) the figures
+    tiny_path: str = TINY_PATH        # cache of the trained tiny model (--model=tiny)
+    save: bool = True                 # write the decomposition to <out_dir>/spd.pt
+    threads: int = 0                  # torch CPU threads; 0 = torch's default
+    ci: str = "vector"                # (spd.Config fields with another default here)
+    last_token_only: bool = False
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+PRESETS = {
+    # A.3.1 (Figure 6), every row; the non-stochastic layerwise loss is not in the table: 0
+    "paper": dict(batch_size=2, optimizer="adamw", lr=1e-3, weight_decay=0.05,
+                  lr_schedule="constant", lr_warmup=0.01, steps=20_000, C=768, d_gate=64,
+                  ci="vector", beta_stochastic_recon=0.1, beta_stochastic_partial_recon=10,
+                  beta_stochastic_layerwise_recon=0.1, beta_recon=0.1, beta_partial_recon=10,
+                  beta_layerwise_recon=0.0, beta_faithfulness=1e6, beta_minimality=0.05,
+                  p_start=0.9, p_final=0.1, last_token_only=False, n_mask_samples=1,
+                  log_every=1000),
+}
+# the same losses, betas and schedule at the tiny model's size: C = d_model (as the paper's
+# C = 768 = GPT-2's d_model), D_gate = C/4, 6000 steps (~45 steps/s on one core: the CI MLPs
+# cost ~ tokens x C x D_gate x d_in), one thread (tiny tensors: a second thread only adds
+# overhead, and on a busy machine it slows the run many-fold); the whole script takes ~2.5 min
+PRESETS["tiny"] = {**PRESETS["paper"], "C": TINY_CONFIG["n_embd"], "d_gate": 16, "steps": 6000,
+                   "log_every": 500, "threads": 1}
+
+def parse_config(argv):
+    """FactsConfig from '--key=value' strings: the preset's dict first, then the overrides."""
+    probe = spd.apply_overrides(FactsConfig(), argv)   # fails on an unknown key or a bad value
+    preset = probe.preset or ("tiny" if probe.model == "tiny" else "paper")
+    if preset not in PRESETS:
+        raise spd.SPDError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    cfg = spd.apply_overrides(FactsConfig(**PRESETS[preset]), argv)
+    cfg.preset = preset
+    if cfg.batch_size % len(ATHLETE_FACTS):
+        raise spd.SPDError(f"--batch_size must be a multiple of {len(ATHLETE_FACTS)} "
+                           f"(every batch holds both facts), got {cfg.batch_size}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise spd.SPDError(f"--device={cfg.device} but CUDA is not available; use --device=cpu")
+    return cfg
+
+# -----------------------------------------------------------------------------
+# analyses (Sections 5.2, 6.2, A.3.2)
+
+def short(name):
+    return name.removeprefix("transformer.")
+
+def activity(g, weight, threshold):
+    """{layer: on (B, S, C) bool}: g > threshold at the valid positions (weight (B, S) > 0)."""
+    return {n: (v > threshold) & (weight[..., None] > 0) for n, v in g.items()}
+
+def unique_at(on, layers, b, pos):
+    """{layer: [c, ...]}: active at example b's position pos and nowhere in the other example."""
+    return {n: (on[n][b, pos] & ~on[n][1 - b].any(0)).nonzero().flatten().tolist() for n in layers}
+
+def merge(*chosen):
+    """Union of {layer: [c, ...]} dicts, empty layers dropped."""
+    out = {}
+    for ch in chosen:
+        for n, cs in ch.items():
+            out[n] = sorted(set(out.get(n, [])) | set(cs))
+    return {n: cs for n, cs in out.items() if cs}
+
+def suppress(model, s, chosen):
+    """The original model with the chosen directions projected out (an unchanged copy if none)."""
+    return spd.suppress_subcomponents(model, s, {n: cs for n, cs in chosen.items() if cs})
+
+def athlete_probs(model, tokenizer):
+    """[[P(basketball), P(golf)] for the Kobe prompt, same for the Tiger prompt]."""
+    prompts = [f.rsplit(" ", 1)[0] for f in ATHLETE_FACTS]
+    return last_token_probs(model, tokenizer, prompts, SPORTS).cpu().tolist()
+
+def fact_set_effect(before, after, target):
+    """Figure 3 numbers for one edit: P(final word) of the target fact vs the other 101 facts
+    (the other athlete fact + FACTS). before/after: (2 + len(FACTS),) tensors, ATHLETE_FACTS first.
+    "selective": the target's P at least halves while the other facts move on average by at most
+    a tenth of the target's drop (our criterion; the paper shows the plot)."""
+    others = [i for i in range(len(before)) if i != target]
+    drop = before - after
+    t_drop, o_drop = drop[target].item(), drop[others]
+    return {"target": ATHLETE_FACTS[target], "target_before": before[target].item(),
+            "target_after": after[target].item(),
+            "other_athlete_before": before[1 - target].item(),
+            "other_athlete_after": after[1 - target].item(),
+            "facts_before": before[2:].tolist(), "facts_after": after[2:].tolist(),
+            "facts_mean_before": before[2:].mean().item(), "facts_mean_after": after[2:].mean().item(),
+            "others_mean_abs_change": o_drop.abs().mean().item(),
+            "others_max_drop": o_drop.max().item(),
+            "others_max_drop_fact": (ATHLETE_FACTS + FACTS)[others[int(o_drop.argmax())]],
+            "selective": bool(after[target] <= 0.5 * before[target]
+                              and o_drop.abs().mean().item() <= 0.1 * t_drop)}
+
+@torch.no_grad()
+def zero_mlp_probs(model, tokenizer):
+    """Figure 9: P(basketball) on the Kobe prompt with block i's MLP zeroed (c_fc and c_proj
+    weights and biases = 0, so the MLP adds exactly 0 to the residual stream), i = 0..L-1."""
+    prompt = ATHLETE_FACTS[0].rsplit(" ", 1)[0]
+    out = []
+    for i in range(len(model.transformer.h)):
+        m = copy.deepcopy(model)
+        for p in m.transformer.h[i].mlp.parameters():
+            p.zero_()
+        out.append(last_token_probs(m, tokenizer, [prompt], SPORTS[:1]).item())
+        del m
+    return out
+
+# -----------------------------------------------------------------------------
+# the experiment
+
+def run(cfg):
+    """Decompose the target over the two athlete facts, run analyses 1-6, write results.json.
+    Returns the results dict."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t_start, device = time.time(), torch.device(cfg.device)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    res = {"config": dataclasses.asdict(cfg)}
+
+    # 1) the target, and a check that it predicts both facts
+    model, tokenizer = load_model(cfg.model, cfg.device, cfg.tiny_path)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model {cfg.model}: GPT2LMHeadModel, {n_params:,} parameters, "
+          f"{model.config.n_layer} layers, d_model {model.config.n_embd}, device {device}, "
+          f"{torch.get_num_threads()} CPU thread(s)")
+    x, valid = make_batch(tokenizer, ATHLETE_FACTS)                   # (B, S)
+    x, weight = x.to(device), valid.float().to(device)
+    tokens = [token_strings(tokenizer, row[v]) for row, v in zip(x.cpu(), valid)]
+    P0 = athlete_probs(model, tokenizer)
+    top = last_logits(model, tokenizer, [f.rsplit(" ", 1)[0] for f in ATHLETE_FACTS]).argmax(-1)
+    correct = predicts_final_word(model, tokenizer, ATHLETE_FACTS).tolist()
+    print(f"\n{'prompt':32s} | P(basketball) | P(golf) | argmax")
+    for f, p, t in zip(ATHLETE_FACTS, P0, top):
+        print(f"{f.rsplit(' ', 1)[0]:32s} | {p[0]:13.4f} | {p[1]:7.4f} | {tokenizer.decode([int(t)])!r}")
+    if not all(correct):
+        print("warning: the target does not predict every fact's final word (meaningless on gpt2-random)")
+    res["model"] = {"name": cfg.model, "parameters": n_params, "device": str(device),
+                    "threads": torch.get_num_threads()}
+    res["tokens"] = tokens
+    res["target_check"] = {"P(basketball)": [p[0] for p in P0], "P(golf)": [p[1] for p in P0],
+                           "argmax": [tokenizer.decode([int(t)]) for t in top], "correct": correct}
+
+    # 2) the decomposition (Algorithm 3, A.3.1): batch = both facts, loss on every valid token
+    edit_layers = spd.match_modules(model, cfg.edit_patterns)
+    missing = [n for n in edit_layers if n not in spd.match_modules(model, cfg.patterns)]
+    if missing:
+        raise spd.SPDError(f"--edit_patterns names {missing[0]!r}, which --patterns does not decompose")
+    with device:  # U, V and the CI MLPs are created on the device (3.3 B numbers for the paper preset)
+        s = spd.SPDModel(model, cfg.patterns, C=cfg.C, ci=cfg.ci, d_gate=cfg.d_gate).to(device)
+    n_train = sum(p.numel() for p in s.trainable_parameters())
+    reps = cfg.batch_size // len(ATHLETE_FACTS)
+    xb, wb = x.repeat(reps, 1), weight.repeat(reps, 1)                  # (batch_size, S)
+    step_s = time_step(s, cfg, xb, wb)
+    print(f"\npreset {cfg.preset}: decomposing {len(s.layers)} matrices ({cfg.patterns}), "
+          f"C {cfg.C} each = {cfg.C * len(s.layers):,} subcomponents, {cfg.ci} CI with "
+          f"D_gate {cfg.d_gate}, {n_train:,} trainable parameters")
+    print(f"{cfg.steps} steps, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr}, "
+          f"expected ~{step_s * cfg.steps / 60:.1f} min ({1 / step_s:.1f} steps/s measured)")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    history = spd.train(s, cfg, lambda: (xb, wb), log=print)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train_s = time.time() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    last = history[-1]
+    terms = [k for k in last if k not in ("step", "total", "L0", "it/s")]
+    print(f"\ndecomposition done: {train_s:.0f} s, {cfg.steps / train_s:.1f} steps/s"
+          + (f", peak GPU memory {peak:.1f} GiB" if peak is not None else ""))
+    print("final losses: " + ", ".join(f"{k} {last[k]:.2e}" for k in terms))
+    res["training"] = {"steps": cfg.steps, "seconds": train_s, "steps_per_s": cfg.steps / train_s,
+                       "peak_gpu_memory_gib": peak, "trainable_parameters": n_train,
+                       "final": last, "history": history}
+    if cfg.save:
+        path = os.path.join(cfg.out_dir, "spd.pt")
+        spd.save(s, path, cfg)
+        res["training"]["saved"] = path
+
+    # 3) analyses; every edit below is applied to the ORIGINAL model, never the decomposed one
+    g = spd.causal_importances(s, x)                                 # {layer: (B, S, C)}
+    order = [n for n, _ in model.named_modules() if n in g]          # block by block
+    on = activity({n: g[n] for n in order}, weight, cfg.threshold)
+    res["active"] = report_active(on, tokens, cfg.threshold)
+    res["unique_layer0_mlp"], chosen, labels = report_unique(on, edit_layers, tokenizer, tokens)
+    edits = {SPORTS[b]: merge(chosen[b]["first"], chosen[b]["last"]) for b in range(2)}
+    edited = {sport: suppress(model, s, ch) for sport, ch in edits.items()}
+    res["suppression"] = report_suppression(model, edited, edits, tokenizer, P0)
+    res["fact_set"] = report_fact_set(model, edited, tokenizer)
+    res["names"] = report_names(model, s, chosen, labels, tokenizer)
+    res["reversed"] = report_reversed(model, edited["golf"], tokenizer)
+    res["zero_mlp"] = report_zero_mlp(model, tokenizer, P0[0][0])
+
+    res["wall_seconds"] = time.time() - t_start
+    with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    figures = save_figures(res, cfg.out_dir)
+    print(f"\nwrote {os.path.join(cfg.out_dir, 'results.json')}"
+          + (f" and {', '.join(figures)}" if figures else " (no matplotlib: no figures)")
+          + f"; total {res['wall_seconds']:.0f} s")
+    return res
+
+def time_step(s, cfg, x, weight, n=2):
+    """Seconds per training step (forward + backward, no update) for the runtime estimate."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    spd.training_step(s, x, cfg, 0, weight)[0].backward()          # warm-up
+    sync()
+    t = time.time()
+    for _ in range(n):
+        spd.training_step(s, x, cfg, 0, weight)[0].backward()
+    sync()
+    for p in s.trainable_parameters():
+        p.grad = None
+    return (time.time() - t) / n
+
+def report_active(on, tokens, threshold):
+    """Analysis 1: active subcomponents per layer and token, the total, those on one example only."""
+    B = len(tokens)
+    print(f"\n(1) active subcomponents (g > {threshold}) per layer and token; 'total' = distinct "
+          f"over both examples, 'only k' = active in example k and nowhere in the other")
+    head = " ".join(f"{t.strip()[:7]:>7s}" for row in tokens for t in row)
+    print(f"{'layer':18s} {head} | total only0 only1")
+    per_layer, total, only = {}, 0, [0] * B
+    for n, v in on.items():
+        per_token = [v[b, :len(tokens[b])].sum(-1).tolist() for b in range(B)]   # counts per position
+        in_ex = v.any(1)                                                        # (B, C)
+        n_total = int(in_ex.any(0).sum())
+        n_only = [int((in_ex[b] & ~in_ex[1 - b]).sum()) for b in range(B)]
+        per_layer[n] = {"per_token": per_token, "total": n_total, "only_in": n_only}
+        total += n_total
+        only = [a + c for a, c in zip(only, n_only)]
+        print(f"{short(n):18s} " + " ".join(f"{c:7d}" for row in per_token for c in row)
+              + f" | {n_total:5d} {n_only[0]:5d} {n_only[1]:5d}")
+    print(f"total active subcomponents: {total} (paper, GPT-2-small: 96); only in "
+          f"'{ATHLETE_FACTS[0]}': {only[0]}, only in '{ATHLETE_FACTS[1]}': {only[1]}")
+    return {"threshold": threshold, "per_layer": per_layer, "total": total, "only_in": only}
+
+def report_unique(on, edit_layers, tokenizer, tokens):
+    """Analysis 1b: the edit-layer subcomponents unique to each athlete at its name tokens: the
+    first name's last token ("obe" of "K|obe" in GPT-2's BPE; "Kobe" itself word-level) and the
+    last name's last token ("Bryant", "Woods")."""
+    out, chosen, labels = {}, [], []
+    print(f"\n(1b) subcomponents of {', '.join(short(n) for n in edit_layers)} active at a name "
+          f"token and nowhere in the other example")
+    for b, (first, last) in enumerate(ATHLETES):
+        pos = {"first": len(tokenizer.encode(first)) - 1,
+               "last": len(tokenizer.encode(f"{first} {last}")) - 1}
+        lab = {k: tokens[b][p].strip() for k, p in pos.items()}
+        ch = {k: unique_at(on, edit_layers, b, p) for k, p in pos.items()}
+        for k in pos:
+            found = "  ".join(f"{short(n)} {cs}" for n, cs in ch[k].items() if cs) or "none found"
+            print(f"{first + ' ' + last:12s} token {lab[k]!r:9} (position {pos[k]}): {found}")
+        if lab["first"] != "obe" and b == 0:
+            print(f"  (the paper's token 'obe' is the end of GPT-2's 'K|obe'; this tokenizer makes "
+                  f"{first!r} one token {lab['first']!r}, used in its place)")
+        out[f"{first} {last}"] = {lab[k]: {"position": pos[k], "kind": k, "unique": ch[k]} for k in pos}
+        chosen.append(ch)
+        labels.append(lab)
+    return out, chosen, labels
+
+def report_suppression(model, edited, edits, tokenizer, P0):
+    """Analysis 2: P(golf) and P(basketball) on both prompts, before and after each edit."""
+    print("\n(2) suppression by orthogonal projection in the original model "
+          "(paper, golf edit: P(golf) 0.620 -> 0.090, P(basketball) stays 0.630)")
+    print(f"{'edit':14s} {'directions':28s} | Kobe: P(basketball) P(golf) | Tiger: P(basketball) P(golf)")
+    fmt = lambda P: f"{P[0][0]:19.4f} {P[0][1]:7.4f} | {P[1][0]:20.4f} {P[1][1]:7.4f}"
+    print(f"{'none':14s} {'':28s} | {fmt(P0)}")
+    out = {"before": P0}
+    for sport, m in edited.items():
+        P = athlete_probs(m, tokenizer)
+        k = sum(len(cs) for cs in edits[sport].values())
+        desc = " ".join(f"{short(n).replace('.mlp', '')}{cs}" for n, cs in edits[sport].items())
+        print(f"{'-' + sport:14s} {desc or 'none found':28.28s} | {fmt(P)}")
+        out[sport] = {"chosen": edits[sport], "n_directions": k, "after": P}
+    return out
+
+def report_fact_set(model, edited, tokenizer):
+    """Analysis 3 (Figure 3): each edit on its target fact vs the other athlete and FACTS."""
+    sentences = ATHLETE_FACTS + FACTS
+    before = final_word_probs(model, tokenizer, sentences)
+    out = {}
+    print(f"\n(3) Figure 3: P(final word) before -> after, target fact vs the other "
+          f"{len(sentences) - 1} facts")
+    print(f"{'edit':12s} | {'target':15s} | {'other athlete':15s} | {'FACTS mean':15s} | "
+          f"mean |change| others | largest drop among others | selective")
+    for b, (sport, m) in enumerate(edited.items()):
+        e = fact_set_effect(before, final_word_probs(m, tokenizer, sentences), b)
+        out[sport] = e
+        print(f"{'-' + sport:12s} | {e['target_before']:.4f} -> {e['target_after']:.4f} | "
+              f"{e['other_athlete_before']:.4f} -> {e['other_athlete_after']:.4f} | "
+              f"{e['facts_mean_before']:.4f} -> {e['facts_mean_after']:.4f} | "
+              f"{e['others_mean_abs_change']:20.4f} | {e['others_max_drop']:.4f} "
+              f"({e['others_max_drop_fact'][:30]!r}) | {'yes' if e['selective'] else 'no'}")
+    print("selective = target P at least halved, and the other facts' mean |change| at most "
+          "a tenth of the target's drop")
+    return out
+
+def report_names(model, s, chosen, labels, tokenizer):
+    """Analysis 4 (Figure 4): each athlete with its first-name direction(s) alone, its last-name
+    direction(s) alone, both."""
+    print("\n(4) Figure 4: P(sport) with the first-name / last-name / both directions suppressed")
+    out = {}
+    for b, (first, last) in enumerate(ATHLETES):
+        prompt = ATHLETE_FACTS[b].rsplit(" ", 1)[0]
+        ch = chosen[b]
+        variants = {"none": {}, "first": ch["first"], "last": ch["last"],
+                    "both": merge(ch["first"], ch["last"])}
+        P = {k: last_token_probs(suppress(model, s, v), tokenizer, [prompt], [SPORTS[b]]).item()
+             for k, v in variants.items()}
+        out[f"{first} {last}"] = {"sport": SPORTS[b], "first_token": labels[b]["first"],
+                                  "last_token": labels[b]["last"], **P,
+                                  "n_directions": {k: sum(map(len, v.values())) for k, v in variants.items()}}
+        print(f"P({SPORTS[b]}) on '{prompt}': full {P['none']:.4f} | "
+              f"-{labels[b]['first']!r} {P['first']:.4f} | -{labels[b]['last']!r} {P['last']:.4f} | "
+              f"both {P['both']:.4f}")
+    return out
+
+def report_reversed(model, edited_golf, tokenizer):
+    """Analysis 5: "The most famous athlete in golf is" -> " Tiger", before and after the golf edit."""
+    target_id = tokenizer.encode(" " + REVERSED_TARGET)[0]
+    out = {"prompt": REVERSED_PROMPT}
+    for k, m in (("before", model), ("after", edited_golf)):
+        p = last_logits(m, tokenizer, [REVERSED_PROMPT]).softmax(-1)[0]
+        out[k] = p[target_id].item()
+        out[f"argmax_{k}"] = tokenizer.decode([int(p.argmax())])
+    out["still_tiger"] = bool(out["argmax_after"].strip() == REVERSED_TARGET)
+    print(f"\n(5) reversed prompt '{REVERSED_PROMPT}': P({REVERSED_TARGET}) {out['before']:.4f} -> "
+          f"{out['after']:.4f} after the golf edit; argmax {out['argmax_before']!r} -> "
+          f"{out['argmax_after']!r} (completes with {REVERSED_TARGET} after the edit: "
+          f"{'yes' if out['still_tiger'] else 'no'})")
+    return out
+
+def report_zero_mlp(model, tokenizer, full):
+    """Analysis 6 (Figure 9)."""
+    probs = zero_mlp_probs(model, tokenizer)
+    print(f"\n(6) Figure 9: P(basketball) on the Kobe prompt with one MLP zeroed (full model {full:.4f})")
+    print(" ".join(f"L{i}: {p:.4f}" for i, p in enumerate(probs)))
+    return {"full": full, "layers": probs}
+
+def save_figures(res, out_dir):
+    """Figures 3, 4 and 9 as PNGs, only if matplotlib is importable. Returns the paths written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))                # Figure 3
+    for ax, (sport, e) in zip(axes, res["fact_set"].items()):
+        before = [e["target_before"], e["other_athlete_before"], e["facts_mean_before"]]
+        after = [e["target_after"], e["other_athlete_after"], e["facts_mean_after"]]
+        xs = range(3)
+        ax.bar([i - 0.2 for i in xs], before, 0.4, label="before")
+        ax.bar([i + 0.2 for i in xs], after, 0.4, label="after")
+        ax.set_xticks(list(xs), ["target fact", "other athlete", "fact set (mean)"])
+        ax.set_title(f"suppress the {sport} directions")
+        ax.set_ylabel("P(correct final word)")
+        ax.set_ylim(0, 1.15)
+        ax.legend(loc="upper center", ncol=2)
+    paths.append(_savefig(fig, out_dir, "figure3.png"))
+    fig, ax = plt.subplots(figsize=(5, 4))                            # Figure 4
+    n = res["names"]["Kobe Bryant"]
+    ax.bar(["none", n["first_token"], n["last_token"], "both"], [n["none"], n["first"], n["last"], n["both"]])
+    ax.set_ylabel("P(basketball)")
+    ax.set_title("Kobe Bryant: directions suppressed")
+    paths.append(_savefig(fig, out_dir, "figure4.png"))
+    fig, ax = plt.subplots(figsize=(6, 4))                            # Figure 9
+    z = res["zero_mlp"]
+    ax.bar(range(len(z["layers"])), z["layers"])
+    ax.set_xticks(range(len(z["layers"])))
+    ax.axhline(z["full"], linestyle="--", color="k", label="full model")
+    ax.legend()
+    ax.set_xlabel("MLP layer zeroed")
+    ax.set_ylabel("P(basketball)")
+    paths.append(_savefig(fig, out_dir, "figure9.png"))
+    return paths
+
+def _savefig(fig, out_dir, name):
+    import matplotlib.pyplot as plt
+    path = os.path.join(out_dir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+def main(argv=None):
+    """Entry point: `python gpt2_facts.py [--key=value ...]`; input errors and missing weights
+    print one line `error: ...` and exit with status 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run(parse_config(argv))
+    except (spd.SPDError, WeightsUnavailableError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 if __name__ == "__main__":
-    model_name = "gpt2"
-    for arg in sys.argv[1:]:
-        assert arg.startswith("--model="), f"unknown argument {arg!r} (only --model=... for now)"
-        model_name = arg.split("=", 1)[1]
-    try:
-        model, tokenizer = load_model(model_name)
-    except WeightsUnavailableError as e:
-        sys.exit(f"error: {e}")
-    print(f"model {model_name}: {sum(p.numel() for p in model.parameters()):,} parameters")
-    rows = [s.rsplit(" ", 1) for s in ATHLETE_FACTS] + [(REVERSED_PROMPT, REVERSED_TARGET)]
-    probs = last_token_probs(model, tokenizer, [p for p, _ in rows], ["basketball", "golf", REVERSED_TARGET])
-    top = last_logits(model, tokenizer, [p for p, _ in rows]).argmax(-1)
-    print(f"{'prompt':40s} | P(basketball) | P(golf) | P(Tiger) | argmax")
-    for (prompt, _), p, t in zip(rows, probs, top):
-        print(f"{prompt:40s} | {p[0]:13.4f} | {p[1]:7.4f} | {p[2]:8.4f} | {tokenizer.decode([t])!r}")
-    correct = predicts_final_word(model, tokenizer, FACTS)
-    print(f"final word predicted (argmax) for {int(correct.sum())}/{len(FACTS)} of FACTS")
+    main()

@@ -522,7 +522,7 @@ def apply_overrides(cfg, args):
         try:
             setattr(cfg, key, kind(float(value)) if kind is int and "e" in value else kind(value))
         except ValueError:
-            raise SPDError(f"--{key} needs a {kind.__name__}, got {value!r}") from None
+            raise SPDError(f"--{key} needs {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}") from None
     return cfg
 
 
@@ -597,7 +597,7 @@ def train(spd, cfg, next_batch, log=print):
             f"L_faithful {faithfulness_warmup(spd, cfg):.2e}")
     opt = make_optimizer(spd, cfg)
     history, t0 = [], time.time()
-    bar = tqdm(range(cfg.steps), desc="SPD", mininterval=1.0, leave=False)
+    bar = tqdm(range(cfg.steps), desc="SPD", mininterval=1.0, leave=False, disable=None)  # no bar off a TTY
     for step in bar:
         batch = next_batch()
         x, weight = batch if isinstance(batch, tuple) else (batch, None)

@@ -506,6 +506,7 @@ def run(cfg):
     missing = [n for n in edit_layers if n not in spd.match_modules(model, cfg.patterns)]
     if missing:
         raise spd.SPDError(f"--edit_patterns names {missing[0]!r}, which --patterns does not decompose")
+    torch.manual_seed(cfg.seed)  # the same start whether the tiny target was trained or loaded
     with device:  # U, V and the CI MLPs are created on the device (3.3 B numbers for the paper preset)
         s = spd.SPDModel(model, cfg.patterns, C=cfg.C, ci=cfg.ci, d_gate=cfg.d_gate).to(device)
     n_train = sum(p.numel() for p in s.trainable_parameters())

@@ -280,15 +280,16 @@ class AttentionCI(nn.Module):
         self.abs = nn.Parameter(torch.randn(max_seq_len, d) * 0.02)
         self.gamma = GammaMLPs(C, H, 2 * d)
         self.max_seq_len, self.causal = max_seq_len, causal
+        self.flex = None                                        # None: flex-attention on CUDA only
 
-    def forward(self, x, V=None, flex=None):                   # x (B, S, d)
+    def forward(self, x, V=None):                              # x (B, S, d)
         S, M = x.shape[1], self.max_seq_len
         if S > M:
             raise SPDError(f"sequence length {S} exceeds the attention CI's max_seq_len {M}")
         x_pos = x + self.abs[:S]                                # 1) (B, S, d)
         q, k, v = self.q(x), self.k(x), self.v(x_pos)           # 2)
         r = self.rel[M - S: M + S - 1]                          # 3) (2S-1,), r[i - j + S - 1]
-        a = ci_attention(q, k, v, r, self.causal, flex)         # 4) (B, S, d)
+        a = ci_attention(q, k, v, r, self.causal, self.flex)    # 4) (B, S, d)
         return self.gamma(torch.cat([a, x_pos], -1))            # 5, 6) (B, S, C)
 
 
@@ -298,7 +299,7 @@ def ci_attention(q, k, v, r, causal=True, flex=None):
     flex=None picks by device: flex-attention (compiled) on CUDA; plain math elsewhere, because
     torch 2.13's flex-attention has no backward on CPU. Both compute the same function."""
     S, d = q.shape[-2], q.shape[-1]
-    if flex if flex is not None else q.is_cuda:
+    if (q.is_cuda if flex is None else flex):
         return _flex_attention(q, k, v, r, causal)
     i = torch.arange(S, device=q.device)
     scores = (q @ k.transpose(-1, -2) + r[i[:, None] - i[None, :] + S - 1]) / math.sqrt(d)
@@ -313,8 +314,9 @@ _FLEX = {}
 def _flex_attention(q, k, v, r, causal):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     S, d = q.shape[-2], q.shape[-1]
-    if "fn" not in _FLEX:  # compile once; eager flex (CPU, inference only) is for the tests
-        _FLEX["fn"] = torch.compile(flex_attention) if q.is_cuda else flex_attention
+    fn = q.device.type  # compile once per device type; eager flex on CPU (inference only) is for tests
+    if fn not in _FLEX:
+        _FLEX[fn] = torch.compile(flex_attention) if q.is_cuda else flex_attention
     key = (S, q.device)
     if causal and key not in _FLEX:
         _FLEX[key] = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S,
@@ -323,7 +325,7 @@ def _flex_attention(q, k, v, r, causal):
     def score_mod(score, b, h, qi, ki):  # flex has already scaled q·k by 1/√d
         return score + r[qi - ki + S - 1] / math.sqrt(d)
 
-    out = _FLEX["fn"](q[:, None], k[:, None], v[:, None], score_mod=score_mod,
+    out = _FLEX[fn](q[:, None], k[:, None], v[:, None], score_mod=score_mod,
                       block_mask=_FLEX[key] if causal else None)  # (B, 1, S, d)
     return out[:, 0]
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import gpt2_facts
+import induction
 import spd
 
 torch.set_num_threads(1)  # tiny tensors: one thread is fastest and immune to a busy core
@@ -673,3 +674,85 @@ def test_presets():
     assert gpt2_facts.parse_config(["--model=tiny", "--preset=paper"]).C == 768
     cfg = gpt2_facts.parse_config(["--model=tiny", "--C=8", "--steps=1e3"])
     assert (cfg.C, cfg.steps, cfg.d_gate) == (8, 1000, 16)
+
+
+# -----------------------------------------------------------------------------
+# induction.py
+
+def induction_argv(tmp_path, *extra):
+    return ["--steps=6", "--batch_size=8", "--eval_batch=32", "--C=8", "--d_gate=4",
+            "--target_steps=40", "--target_batch_size=32", "--faithfulness_warmup_steps=5",
+            "--threads=1", "--log_every=3", f"--target_path={tmp_path}/target.pt",
+            f"--out_dir={tmp_path}", *extra]
+
+
+def test_induction_script_smoke(tmp_path, capsys):
+    r = induction.main(induction_argv(tmp_path))
+    out = capsys.readouterr().out
+    assert "Table 1" in out and "mechanism" in out
+    with open(tmp_path / "table1.json") as f:
+        saved = json.load(f)
+    assert saved["active"] == r["active"] and saved["config"]["C"] == 8
+    assert set(r["active"]) == set(induction.MATRICES) == set(r["unique"])
+    for short, row in r["active"].items():
+        assert set(row) == {"s1", "m", "s2", "random"}
+        assert all(0 <= v <= 8 for v in row.values())
+        assert 0 <= r["unique"][short] <= 8
+    assert set(r["metrics"]) == set(induction.PAPER_TABLE1["metrics"])
+    assert all(math.isfinite(v) and v >= -1e-6 for v in r["metrics"].values())
+    assert r["metrics"]["attn_kl_mean"] == pytest.approx(
+        (r["metrics"]["attn_kl_layer1"] + r["metrics"]["attn_kl_layer2"]) / 2)
+    assert all(0 <= v <= 1 for v in r["mechanism"].values())
+    assert len(r["history"]) >= 2 and r["history"][-1]["step"] == 5
+    # the decomposition reloads against the cached target and gives the same faithfulness
+    target = induction.load_or_train_target(str(tmp_path / "target.pt"), log=lambda *a: None)
+    s, cfg = spd.load(tmp_path / "spd.pt", target)
+    assert spd.faithfulness_loss(s).item() == pytest.approx(r["metrics"]["L_faithful"], rel=1e-5)
+    # same seed, same numbers (the target is cached now, so only the decomposition reruns)
+    again = induction.main(induction_argv(tmp_path, f"--out_dir={tmp_path}/again"))
+    assert again["active"] == r["active"] and again["metrics"] == r["metrics"]
+    # Figure 2 on the saved decomposition
+    fig = induction.main(induction_argv(tmp_path, "--svd-baseline"))
+    assert (tmp_path / "figure2.json").exists() and fig["full_rank"] == 6 * 16
+    assert [p["pieces"] for p in fig["svd"]] == sorted(p["pieces"] for p in fig["svd"])[::-1]
+    assert all(0 <= p["pieces"] <= 6 * 8 for p in fig["spd"])
+
+
+def test_induction_bad_input(tmp_path):
+    with pytest.raises(spd.SPDError, match="unknown config key"):
+        induction.main(induction_argv(tmp_path, "--nope=1"))
+    with pytest.raises(spd.SPDError, match="unknown preset"):
+        induction.main(induction_argv(tmp_path, "--preset=huge"))
+    with pytest.raises(spd.SPDError, match="no decomposition at"):
+        induction.main(induction_argv(tmp_path, "--svd-baseline", f"--out_dir={tmp_path}/none",
+                                      "--target_steps=1"))
+
+
+class TwoMatrices(nn.Module):
+    """logits = out(B(A(embed(t)))) with A of rank 2 (known), B orthogonal (full rank)."""
+
+    def __init__(self, d=6, vocab=9):
+        super().__init__()
+        self.embed, self.out = nn.Embedding(vocab, d), nn.Linear(d, vocab)
+        self.A, self.B = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+        with torch.no_grad():
+            self.A.weight.copy_(torch.randn(d, 2) @ torch.randn(2, d))
+            self.B.weight.copy_(torch.linalg.qr(torch.randn(d, d))[0] * 3)  # all directions matter
+
+    def forward(self, t):
+        return self.out(self.B(self.A(self.embed(t))))
+
+
+def test_greedy_svd_pruning_on_known_rank():
+    torch.manual_seed(0)
+    m, x = TwoMatrices(), torch.randint(0, 9, (32, 3))
+    before = copy.deepcopy(m.state_dict())
+    path = induction.greedy_svd_pruning(m, ["A", "B"], x, tau=1e-6)
+    assert path[0] == (12, pytest.approx(0.0, abs=1e-9))
+    assert path[-1][0] == 8 and all(kl <= 1e-6 for _, kl in path)   # A's 4 zero directions go
+    full = induction.greedy_svd_pruning(m, ["A", "B"], x, tau=float("inf"))
+    assert [r for r, _ in full] == list(range(12, -1, -1))         # down to rank 0
+    assert full[:len(path)] == path                                 # tau only moves the stop
+    assert all(kl > 1e-4 for r, kl in full if r < 8)                # below the rank, KL rises
+    assert induction.svd_sweep(full, [1e-6, float("inf")]) == [(1e-6, *path[-1]), (float("inf"), *full[-1])]
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())  # caller's model untouched

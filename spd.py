@@ -163,6 +163,7 @@ class SPDModel(nn.Module):
         target weight in that set's rows (the layerwise and partial losses need this).
         Returns logits (K, B, S, vocab)."""
         K, B = len(mask_sets), x.shape[0]
+        self._check_names({n for m in mask_sets for n in m})
         stacked = {}
         for name in self.layers:
             ks = [k for k, m in enumerate(mask_sets) if name in m]
@@ -181,13 +182,25 @@ class SPDModel(nn.Module):
     def masked(self, masks):
         """Inside, self.model(...) runs with {name: alpha} (or {name: (alpha, rows)}) set; use it
         to call the model with its own arguments, e.g. to read attention patterns."""
+        masks = {n: m if isinstance(m, tuple) else (m, None) for n, m in masks.items()}
+        self._check_names(masks)
+        for name, (alpha, _) in masks.items():
+            if alpha.shape[-1] != self.spec["C"]:
+                raise SPDError(f"mask for {name!r} has shape {tuple(alpha.shape)}; its last "
+                               f"dimension must be C = {self.spec['C']}")
         for name, m in masks.items():
-            self.layers[name].mask = m if isinstance(m, tuple) else (m, None)
+            self.layers[name].mask = m
         try:
             yield self.model
         finally:
             for layer in self.layers.values():
                 layer.mask = None
+
+    def _check_names(self, names):
+        unknown = sorted(set(names) - self.layers.keys())
+        if unknown:
+            raise SPDError(f"mask for {unknown[0]!r}, which is not decomposed; decomposed: "
+                           f"{_short(list(self.layers))}")
 
     @torch.no_grad()
     def target_forward(self, x):

@@ -403,6 +403,13 @@ def test_bad_patterns_are_one_line_errors():
         spd.SPDModel(m, "blocks.*.attn", C=2)
     with pytest.raises(spd.SPDError, match="unknown CI"):
         spd.SPDModel(m, "blocks.0.attn.q_proj", C=2, ci="mlp")
+    s = spd.SPDModel(m, "blocks.0.attn.q_proj", C=2)
+    t = torch.randint(0, 11, (2, 6))
+    with pytest.raises(spd.SPDError, match="not decomposed"):
+        s(t, {"blocks.0.attn.k_proj": torch.ones(2, 6, 2)})
+    with pytest.raises(spd.SPDError, match="last dimension must be C = 2"):
+        s(t, {"blocks.0.attn.q_proj": torch.ones(2, 6, 3)})
+    assert torch.equal(s(t), m(t))  # a failed call leaves no mask behind
 
 
 def test_measures():

@@ -705,7 +705,7 @@ def test_induction_script_smoke(tmp_path, capsys):
         assert set(row) == {"s1", "m", "s2", "random"}
         assert all(0 <= v <= 8 for v in row.values())
         assert 0 <= r["unique"][short] <= 8
-    assert set(r["metrics"]) == set(induction.PAPER_TABLE1["metrics"])
+    assert set(r["metrics"]) >= set(induction.PAPER_TABLE1["metrics"])
     assert all(math.isfinite(v) and v >= -1e-6 for v in r["metrics"].values())
     assert r["metrics"]["attn_kl_mean"] == pytest.approx(
         (r["metrics"]["attn_kl_layer1"] + r["metrics"]["attn_kl_layer2"]) / 2)

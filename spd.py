@@ -284,7 +284,8 @@ class AttentionCI(nn.Module):
     call r_n "the row of learned relative positional biases"; we use one scalar bias per
     offset, i.e. 2·max_seq_len - 1 numbers.
     Causal masking: the paper is silent. Default causal=True (position n sees positions ≤ n,
-    like the model it explains); causal=False is supported."""
+    like the model it explains); causal=False is supported. On the induction task both gave
+    the same Table 1 within noise (L_recon 0.0091 causal vs 0.0098 not, 5000 steps; README)."""
 
     def __init__(self, d, C, H, max_seq_len, causal=True):
         super().__init__()
@@ -627,7 +628,8 @@ def train(spd, cfg, next_batch, log=print):
                    "L0": {n: v.item() for n, v in mean_l0(g, weight).items()},
                    "it/s": (step + 1) / (time.time() - t0)}
             history.append(row)
-            bar.set_postfix_str(" ".join(f"{k}={row[k]:.2e}" for k in terms))
+            bar.set_postfix_str(" ".join(f"{k}={row[k]:.2e}" for k in terms) + " L0="
+                                + ",".join(f"{v:.1f}" for v in row["L0"].values()))
             log(f"step {step:6d} | " + " ".join(f"{k} {row[k]:.2e}" for k in ["total", *terms])
                 + " | L0 " + " ".join(f"{v:.1f}" for v in row["L0"].values())
                 + f" | {row['it/s']:.1f} it/s")

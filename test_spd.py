@@ -68,6 +68,20 @@ def copy_decomposition(src, dst):
     dst.load_state_dict({k: v for k, v in src.state_dict().items() if k in keep}, strict=False)
 
 
+def linear_and_conv1d_twins():
+    """The same layer as nn.Linear and as GPT-2's Conv1D, each decomposed, with equal U, V, CI."""
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(5, 3))
+    conv = nn.Sequential(Conv1D(3, 5))
+    with torch.no_grad():
+        conv[0].weight.copy_(lin[0].weight.T)
+        conv[0].bias.copy_(lin[0].bias)
+    a, b = spd.SPDModel(lin, "0", C=4), spd.SPDModel(conv, "0", C=4)
+    copy_decomposition(a, b)
+    return lin, conv, a, b
+
+
 def exact_components(s):
     """Set U V = W exactly (needs C >= min(d_out, d_in)): U = W, V = I padded."""
     with torch.no_grad():
@@ -96,15 +110,7 @@ def test_faithfulness_hand_computation():
 
 
 def test_linear_and_conv1d_agree():
-    from transformers.pytorch_utils import Conv1D
-    torch.manual_seed(0)
-    lin = nn.Sequential(nn.Linear(5, 3))
-    conv = nn.Sequential(Conv1D(3, 5))
-    with torch.no_grad():
-        conv[0].weight.copy_(lin[0].weight.T)
-        conv[0].bias.copy_(lin[0].bias)
-    a, b = spd.SPDModel(lin, "0", C=4), spd.SPDModel(conv, "0", C=4)
-    copy_decomposition(a, b)
+    lin, conv, a, b = linear_and_conv1d_twins()
     x = torch.randn(2, 7, 5)
     alpha = torch.rand(2, 7, 4)
     assert torch.allclose(spd.faithfulness_loss(a), spd.faithfulness_loss(b), rtol=1e-6, atol=0)
@@ -353,15 +359,7 @@ def test_orthogonal_projection_properties():
 
 
 def test_suppress_subcomponents_linear_and_conv1d_agree():
-    from transformers.pytorch_utils import Conv1D
-    torch.manual_seed(0)
-    lin = nn.Sequential(nn.Linear(5, 3))
-    conv = nn.Sequential(Conv1D(3, 5))
-    with torch.no_grad():
-        conv[0].weight.copy_(lin[0].weight.T)
-        conv[0].bias.copy_(lin[0].bias)
-    a, b = spd.SPDModel(lin, "0", C=4), spd.SPDModel(conv, "0", C=4)
-    copy_decomposition(a, b)
+    lin, conv, a, b = linear_and_conv1d_twins()
     ea, eb = spd.suppress_subcomponents(lin, a, {"0": [1, 3]}), spd.suppress_subcomponents(conv, b, {"0": [1, 3]})
     L = a.layers["0"]
     ref = spd.orthogonal_projection(lin[0].weight, L.U[:, [1, 3]].T, L.V[[1, 3]])

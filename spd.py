@@ -408,8 +408,9 @@ def faithfulness_loss(spd):
 
 def importance_minimality_loss(g_upper, p, weight=None):
     """Eq. 1: Σ_l Σ_c |g^l_c(x)|^p, averaged over batch and positions (or weighted), on the
-    upper-leaky causal importances. A 1e-12 inside the power keeps the gradient at g = 0 finite."""
-    total = sum(((g.abs() + 1e-12) ** p).sum(-1) for g in g_upper.values())    # (B, S)
+    upper-leaky causal importances (g >= 0). Computed as (g + 1e-12)^p where g > 0 and exactly
+    0 where g = 0, so the gradient of g^p (p < 1) stays finite and zeros add nothing."""
+    total = sum(torch.where(g > 0, (g + 1e-12) ** p, 0.0).sum(-1) for g in g_upper.values())  # (B, S)
     return total.mean() if weight is None else (total * weight).sum() / weight.sum()
 
 

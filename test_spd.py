@@ -259,8 +259,14 @@ def test_minimality_hand_computation():
     p = 0.5
     ref = ((0.5 ** p + 0) + (1 + 0.25 ** p)) / 2  # Σ over layers and c, mean over positions
     assert abs(spd.importance_minimality_loss(g, p).item() - ref) < 1e-5
-    zeros = {"a": torch.zeros(2, 3, 4)}
-    assert spd.importance_minimality_loss(zeros, 0.9).item() < 1e-9
+    zeros = {"a": torch.zeros(2, 3, 4, requires_grad=True)}
+    loss = spd.importance_minimality_loss(zeros, 0.1)
+    assert loss.item() == 0
+    loss.backward()
+    assert torch.isfinite(zeros["a"].grad).all()
+    small = torch.full((1, 1, 1), 1e-4, requires_grad=True)
+    spd.importance_minimality_loss({"a": small}, 0.5).backward()   # d/dg g^p = p g^(p-1)
+    assert small.grad.item() == pytest.approx(0.5 * 1e-4 ** -0.5, rel=1e-4)
 
 
 def test_reconstruction_losses_zero_and_dense_reference():

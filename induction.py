@@ -8,7 +8,7 @@ Sections 5.1 and 6.1, Tables 1-4, Figure 2 and Algorithm 2, with the SPD method 
      LayerNorm) with Shortformer positions (added to the Q and K inputs only) (Table 3);
   3) target training (AdamW, loss on the final token only) and the Sec. 6.1 mechanism check;
   4) the decomposition of Q, K, V of both layers (Table 4 as the `paper` preset; a `cpu`
-     preset that runs in ~13 minutes on 2 cores) and Table 1;
+     preset that runs in ~11 minutes on 2 cores) and Table 1;
   5) Figure 2: SPD vs greedy rank-1 SVD pruning (Algorithm 2);
   6) Table 2: iterations per second of the decomposition step per CI function and length.
 
@@ -275,7 +275,7 @@ PRESETS = {
                   beta_faithfulness=1000.0, beta_minimality=0.02, p_start=0.9, p_final=0.1,
                   optimizer="adam", lr=1e-3, lr_schedule="cosine", lr_warmup=0.0,
                   last_token_only=True),
-    # Table 1 on a 2-core CPU in ~13 minutes end to end: Table 4's losses and betas, plus the
+    # Table 1 on a 2-core CPU in ~11 minutes end to end: Table 4's losses and betas, plus the
     # deterministic layerwise loss (Eq. 3 with masks g, which Table 1 reports), with 32x smaller
     # batches, 14x fewer steps, C 32 instead of 100, a 3x larger lr and a faithfulness warm-up.
     # How we got here (all measured, 1 thread, C 32, batch 32): lr 1e-3 vs 3e-3 vs 1e-2 (3e-3

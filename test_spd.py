@@ -175,6 +175,7 @@ def test_gamma_mlps_match_a_loop_over_c():
         assert torch.allclose(sca(a)[..., c], ref, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_fallback_equals_flex(causal):
     torch.manual_seed(0)

@@ -251,6 +251,11 @@ MATRICES = {"Q0": "blocks.0.attn.q_proj", "K0": "blocks.0.attn.k_proj", "V0": "b
 OUT_PROJ = {"O0": "blocks.0.attn.out_proj", "O1": "blocks.1.attn.out_proj"}
 
 
+def decomposed_matrices(out_proj):
+    """{short name: module name} of the matrices to decompose: Q, K, V (+ the output projections)."""
+    return {**MATRICES, **(OUT_PROJ if out_proj else {})}
+
+
 @dataclass
 class InductionConfig(spd.Config):
     """spd.Config (defaults: Table 4) plus this task's fields; the `cpu` preset is the default."""
@@ -316,7 +321,7 @@ def table1(s, target, cfg):
     g = spd.causal_importances(s, tokens)                                  # {name: (B, S, C)}
     other = torch.ones(B, S, dtype=torch.bool, device=device)             # the "random" positions
     other[b, s1] = other[b, m] = other[:, -1] = False
-    names = {**MATRICES, **(OUT_PROJ if cfg.out_proj else {})}
+    names = decomposed_matrices(cfg.out_proj)
     active, unique = {}, {}
     for short, name in names.items():
         n_on = (g[name] > cfg.threshold).float().sum(-1)                   # (B, S)
@@ -506,7 +511,7 @@ def table2(target, cfg, lengths=(16, 64, 1024, 10240), repeats=5, log=print):
     device = next(target.parameters()).device
     bench = dataclasses.replace(cfg, C=100, d_gate=16, n_mask_samples=1, beta_layerwise_recon=0.0,
                                 beta_partial_recon=0.0, beta_stochastic_partial_recon=0.0)
-    names = list({**MATRICES, **OUT_PROJ}.values())
+    names = list(decomposed_matrices(True).values())
     K = 1 + 1 + len(names)                               # recon + stochastic + layerwise mask sets
     rows = {k: [] for k in PAPER_TABLE2}
     for S in lengths:
@@ -599,7 +604,7 @@ def main(argv):
             print(f"saved {out('figure2.png')}")
         return r
     # 2) decompose it (Algorithm 3 for cfg.steps steps)
-    names = {**MATRICES, **(OUT_PROJ if cfg.out_proj else {})}
+    names = decomposed_matrices(cfg.out_proj)
     torch.manual_seed(cfg.seed)                       # U, V and the CI start the same every run
     s = spd.SPDModel(target, list(names.values()), C=cfg.C, ci=cfg.ci, d_gate=cfg.d_gate,
                      max_seq_len=target.config["max_seq_len"], causal=cfg.ci_causal).to(device)

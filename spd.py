@@ -629,11 +629,10 @@ def train(spd, cfg, next_batch, log=print):
                    "L0": {n: v.item() for n, v in mean_l0(g, weight).items()},
                    "it/s": (step + 1) / (time.time() - t0)}
             history.append(row)
-            bar.set_postfix_str(" ".join(f"{k}={row[k]:.2e}" for k in terms) + " L0="
-                                + ",".join(f"{v:.1f}" for v in row["L0"].values()))
+            l0 = " ".join(f"{v:.1f}" for v in row["L0"].values())
+            bar.set_postfix_str(" ".join(f"{k}={row[k]:.2e}" for k in terms) + f" L0={l0}")
             log(f"step {step:6d} | " + " ".join(f"{k} {row[k]:.2e}" for k in ["total", *terms])
-                + " | L0 " + " ".join(f"{v:.1f}" for v in row["L0"].values())
-                + f" | {row['it/s']:.1f} it/s")
+                + f" | L0 {l0} | {row['it/s']:.1f} it/s")
     assert all(torch.equal(p, frozen[n]) for n, p in spd.named_parameters() if n in frozen), \
         "the target's parameters changed"
     return history

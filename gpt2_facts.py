@@ -41,6 +41,7 @@ import copy
 import dataclasses
 import json
 import os
+import pathlib
 import socket
 import sys
 import time
@@ -271,15 +272,15 @@ def load_tiny(path=TINY_PATH):
     """Load the cached tiny model, or train it (and cache it) if the cache is absent or stale."""
     tokenizer = WordTokenizer()
     if os.path.exists(path):
-        ckpt = torch.load(path, weights_only=True)
+        ckpt = spd.read_file(path, "tiny model cache", "delete it, and the tiny model is retrained",
+                             keys=("model", "words", "config"))
         if ckpt["words"] == tokenizer.words and ckpt["config"] == TINY_CONFIG:
             model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), **TINY_CONFIG))
             model.load_state_dict(ckpt["model"])
             return model, tokenizer
         print(f"{path} was trained on other data or config, retraining")
     model = train_tiny(tokenizer)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"model": model.state_dict(), "words": tokenizer.words, "config": TINY_CONFIG}, path)
+    spd.atomic_save({"model": model.state_dict(), "words": tokenizer.words, "config": TINY_CONFIG}, path)
     return model, tokenizer
 
 def train_tiny(tokenizer, lr=3e-3, max_steps=3000, eval_interval=50, seed=0):
@@ -376,7 +377,8 @@ PRESETS = {
                   beta_stochastic_layerwise_recon=0.1, beta_recon=0.1, beta_partial_recon=10,
                   beta_layerwise_recon=0.0, beta_faithfulness=1e6, beta_minimality=0.05,
                   p_start=0.9, p_final=0.1, last_token_only=False, n_mask_samples=1,
-                  log_every=1000),
+                  log_every=1000, checkpoint_every=0),  # at GPT-2 size a checkpoint is ~40 GB:
+                                                        # only on Ctrl-C unless asked for
 }
 # the same losses, betas and schedule at the tiny model's size: C = d_model (as the paper's
 # C = 768 = GPT-2's d_model), D_gate = C/4, 6000 steps (~45 steps/s on one core: the CI MLPs
@@ -384,6 +386,14 @@ PRESETS = {
 # overhead, and on a busy machine it slows the run many-fold); the whole script takes ~2.5 min
 PRESETS["tiny"] = {**PRESETS["paper"], "C": TINY_CONFIG["n_embd"], "d_gate": 16, "steps": 6000,
                    "log_every": 500, "threads": 1}
+
+ANY_TEXT = (lambda v: True, "any text")
+RULES = {**spd.CONFIG_RULES,  # the allowed values of FactsConfig's own fields
+         "model": (lambda v: v != "", "gpt2, a hub id, a local folder, tiny or gpt2-random"),
+         "preset": ANY_TEXT, "patterns": (lambda v: v != "", "module globs"),
+         "edit_patterns": (lambda v: v != "", "module globs"),
+         "threshold": (lambda v: 0 <= v < 1, "in [0, 1)"), "out_dir": (lambda v: v != "", "a folder"),
+         "tiny_path": (lambda v: v != "", "a file path"), "threads": spd._at_least(0)}
 
 def parse_config(argv):
     """FactsConfig from '--key=value' strings: the preset's dict first, then the overrides."""
@@ -393,6 +403,7 @@ def parse_config(argv):
         raise spd.SPDError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     cfg = spd.apply_overrides(FactsConfig(**PRESETS[preset]), argv)
     cfg.preset = preset
+    spd.check_config(cfg, RULES)
     if cfg.batch_size % len(ATHLETE_FACTS):
         raise spd.SPDError(f"--batch_size must be a multiple of {len(ATHLETE_FACTS)} "
                            f"(every batch holds both facts), got {cfg.batch_size}")
@@ -522,7 +533,8 @@ def run(cfg):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    history = spd.train(s, cfg, lambda: (xb, wb), log=print)
+    history = spd.train(s, cfg, lambda: (xb, wb), log=print,
+                        checkpoint=os.path.join(cfg.out_dir, "checkpoint.pt"))
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.time() - t0
@@ -555,8 +567,10 @@ def run(cfg):
     res["zero_mlp"] = report_zero_mlp(model, tokenizer, P0[0][0])
 
     res["wall_seconds"] = time.time() - t_start
-    with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    spd.atomic_write(os.path.join(cfg.out_dir, "results.json"),
+                     lambda tmp: pathlib.Path(tmp).write_text(json.dumps(res, indent=1)))
+    if os.path.exists(os.path.join(cfg.out_dir, "checkpoint.pt")):
+        os.remove(os.path.join(cfg.out_dir, "checkpoint.pt"))     # complete: results.json holds it
     figures = save_figures(res, cfg.out_dir)
     print(f"\nwrote {os.path.join(cfg.out_dir, 'results.json')}"
           + (f" and {', '.join(figures)}" if figures else " (no matplotlib: no figures)")
@@ -743,7 +757,7 @@ def _savefig(fig, out_dir, name):
     import matplotlib.pyplot as plt
     path = os.path.join(out_dir, name)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    spd.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
     return path
 

@@ -29,6 +29,7 @@ import dataclasses
 import fnmatch
 import hashlib
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -512,12 +513,14 @@ class Config:
     optimizer: str = "adam"                   # adam | adamw
     lr: float = 1e-3
     weight_decay: float = 0.0                 # AdamW only
-    lr_schedule: str = "cosine"               # constant | cosine (to 0)
+    lr_schedule: str = "cosine"               # constant | cosine (quarter period, to 0)
     lr_warmup: float = 0.0                    # linear warm-up, as a fraction of steps
     faithfulness_warmup_steps: int = 0        # first fit U V to W on faithfulness alone ...
     faithfulness_warmup_lr: float = 0.01      # ... with Adam at this lr (SPD's code does this)
     seed: int = 0
     log_every: int = 500                      # steps between log lines
+    checkpoint_every: int = 1000              # steps between checkpoints (0: only on Ctrl-C)
+    resume: bool = False                      # continue the run saved in the checkpoint
     device: str = "cpu"
 
 
@@ -543,17 +546,60 @@ def apply_overrides(cfg, args):
     return cfg
 
 
+def _at_least(lo):
+    return lambda v: v >= lo, f">= {lo}"
+
+
+def _one_of(*names):
+    return lambda v: v in names, "one of " + ", ".join(names)
+
+
+_POSITIVE = (lambda v: 0 < v < math.inf, "> 0 and finite")
+_NONNEGATIVE = (lambda v: 0 <= v < math.inf, ">= 0 and finite")
+CONFIG_RULES = {  # field -> (allowed?, what is allowed) for every non-bool field of Config
+    "C": _at_least(1), "ci": _one_of("scalar", "vector", "attention"), "d_gate": _at_least(1),
+    "n_mask_samples": _at_least(1),
+    **{f"beta_{n}": _NONNEGATIVE for n in ["faithfulness", "minimality", "recon",
+       "stochastic_recon", "layerwise_recon", "stochastic_layerwise_recon", "partial_recon",
+       "stochastic_partial_recon"]},
+    "p_start": (lambda v: 0 < v <= 2, "in (0, 2]"), "p_final": (lambda v: 0 < v <= 2, "in (0, 2]"),
+    "steps": _at_least(1),
+    "batch_size": _at_least(1), "optimizer": _one_of("adam", "adamw"), "lr": _POSITIVE,
+    "weight_decay": _NONNEGATIVE, "lr_schedule": _one_of("constant", "cosine"),
+    "lr_warmup": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    "faithfulness_warmup_steps": _at_least(0), "faithfulness_warmup_lr": _POSITIVE,
+    "seed": _at_least(0), "log_every": _at_least(1), "checkpoint_every": _at_least(0),
+    "device": (lambda v: v.split(":")[0] in ("cpu", "cuda", "auto"), "cpu, cuda, cuda:N or auto"),
+}
+
+
+def check_config(cfg, rules=CONFIG_RULES):
+    """Raise a one-line SPDError for the first field whose value is out of its range (bools
+    are checked by apply_overrides)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, bool):
+            continue
+        ok, allowed = rules[f.name]
+        if not ok(value):
+            raise SPDError(f"--{f.name}={value} is out of range: it must be {allowed}")
+    return cfg
+
+
 def minimality_p(cfg, step):
     """p annealed linearly from p_start to p_final over the run."""
     return cfg.p_start + (cfg.p_final - cfg.p_start) * step / max(cfg.steps - 1, 1)
 
 
 def lr_at(cfg, step):
+    """Linear warm-up, then constant or "cosine": a quarter period lr·cos(π/2 · t/(T-1)) from
+    lr down to 0 at the last step, the form of SPD's code when the paper was written (the
+    half period 0.5 (1 + cos(π t/T)) came later)."""
     warm = int(cfg.lr_warmup * cfg.steps)
     if step < warm:
         return cfg.lr * (step + 1) / warm
     if cfg.lr_schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(cfg.steps - warm, 1)))
+        return cfg.lr * math.cos(0.5 * math.pi * (step - warm) / max(cfg.steps - warm - 1, 1))
     return cfg.lr
 
 
@@ -601,41 +647,77 @@ def faithfulness_warmup(spd, cfg):
     return faithfulness_loss(spd).item()
 
 
-def train(spd, cfg, next_batch, log=print):
+def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
     """Train U, V and the CI functions for cfg.steps steps (Algorithm 3 in a loop).
 
     next_batch() returns x, or (x, weight) with weight (B, S) marking the positions that count.
-    Returns the history: one dict of loss terms and mean L0 per layer per log line."""
+    checkpoint: a path. Every cfg.checkpoint_every steps, and on Ctrl-C, the run is saved there
+    (section 8); cfg.resume continues it exactly. data_rng: the torch.Generator next_batch draws
+    from, saved with it. A non-finite loss stops the run with an SPDError before anything is
+    saved. Returns the history: one dict of loss terms and mean L0 per layer per log line."""
     from tqdm import tqdm
     torch.manual_seed(cfg.seed)
     frozen = {n: p.detach().clone() for n, p in spd.named_parameters() if not p.requires_grad}
-    if cfg.faithfulness_warmup_steps:
+    opt, history, first = make_optimizer(spd, cfg), [], 0
+    if cfg.resume:
+        first, history = load_checkpoint(checkpoint, spd, opt, cfg, data_rng)
+        log(f"resumed {checkpoint} at step {first}")
+    elif checkpoint and os.path.exists(checkpoint):
+        raise SPDError(f"{checkpoint} holds an unfinished run: continue it with --resume=true, "
+                       f"or delete it to start again")
+    elif cfg.faithfulness_warmup_steps:
         log(f"faithfulness warm-up: {cfg.faithfulness_warmup_steps} steps -> "
             f"L_faithful {faithfulness_warmup(spd, cfg):.2e}")
-    opt = make_optimizer(spd, cfg)
-    history, t0 = [], time.time()
-    bar = tqdm(range(cfg.steps), desc="SPD", mininterval=1.0, leave=False, disable=None)  # no bar off a TTY
-    for step in bar:
-        batch = next_batch()
-        x, weight = batch if isinstance(batch, tuple) else (batch, None)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        total, terms, g = training_step(spd, x, cfg, step, weight)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            row = {"step": step, "total": total.item(), **{k: v.item() for k, v in terms.items()},
-                   "L0": {n: v.item() for n, v in mean_l0(g, weight).items()},
-                   "it/s": (step + 1) / (time.time() - t0)}
-            history.append(row)
-            l0 = " ".join(f"{v:.1f}" for v in row["L0"].values())
-            bar.set_postfix_str(" ".join(f"{k}={row[k]:.2e}" for k in terms) + f" L0={l0}")
-            log(f"step {step:6d} | " + " ".join(f"{k} {row[k]:.2e}" for k in ["total", *terms])
-                + f" | L0 {l0} | {row['it/s']:.1f} it/s")
+    t0, stop = time.time(), []
+    save_now = lambda step: checkpoint and save_checkpoint(checkpoint, spd, opt, cfg, step, history, data_rng)
+    with _on_interrupt(lambda: stop.append(True)):
+        bar = tqdm(range(first, cfg.steps), desc="SPD", mininterval=1.0, leave=False, disable=None)
+        for step in bar:
+            batch = next_batch()
+            x, weight = batch if isinstance(batch, tuple) else (batch, None)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, step)
+            total, terms, g = training_step(spd, x, cfg, step, weight)
+            if not torch.isfinite(total):
+                bad = next((k for k, v in terms.items() if not torch.isfinite(v)), "total")
+                raise SPDError(f"step {step}: the loss term {bad} is {terms.get(bad, total).item()}; "
+                               f"stopped, nothing saved (try a lower --lr)")
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                row = {"step": step, "total": total.item(), **{k: v.item() for k, v in terms.items()},
+                       "L0": {n: v.item() for n, v in mean_l0(g, weight).items()},
+                       "it/s": (step + 1 - first) / (time.time() - t0)}
+                history.append(row)
+                l0 = " ".join(f"{v:.1f}" for v in row["L0"].values())
+                bar.set_postfix_str(" ".join(f"{k}={row[k]:.2e}" for k in terms) + f" L0={l0}")
+                log(f"step {step:6d} | " + " ".join(f"{k} {row[k]:.2e}" for k in ["total", *terms])
+                    + f" | L0 {l0} | {row['it/s']:.1f} it/s")
+            if stop:
+                save_now(step + 1)
+                raise SPDError(f"interrupted after step {step}" + (
+                    f"; saved {checkpoint}: continue with --resume=true" if checkpoint else ""))
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                save_now(step + 1)
     assert all(torch.equal(p, frozen[n]) for n, p in spd.named_parameters() if n in frozen), \
         "the target's parameters changed"
     return history
+
+
+@contextlib.contextmanager
+def _on_interrupt(handler):
+    """Inside, Ctrl-C (SIGINT) calls handler() instead of raising, so a step is never cut in half."""
+    import signal
+    try:
+        old = signal.signal(signal.SIGINT, lambda *_: handler())
+    except ValueError:                               # not the main thread: leave SIGINT alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 # -----------------------------------------------------------------------------
@@ -679,30 +761,107 @@ def target_identity(spd):
             for n, l in spd.layers.items()}
 
 
+FORMAT = 1  # version of the files written below
+
+
+def atomic_write(path, write):
+    """write(tmp) to a temporary file in the same folder (same extension), then os.replace it
+    onto path: a run killed while writing leaves the previous file whole."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    root, ext = os.path.splitext(path)
+    write(f"{root}.tmp{ext}")
+    os.replace(f"{root}.tmp{ext}", path)
+
+
+def atomic_save(obj, path):
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def read_file(path, what, fix, keys=()):
+    """torch.load(path) (tensors only), or a one-line SPDError naming the file, the fault and
+    the fix: missing, unreadable (truncated, garbage) or lacking `keys`."""
+    if not os.path.exists(path):
+        raise SPDError(f"{path}: no {what} there; {fix}")
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise SPDError(f"{path} is not a readable {what} ({type(e).__name__}); {fix}") from None
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise SPDError(f"{path} is no {what}: it has no {missing[0]!r}; {fix}")
+    if isinstance(ckpt, dict) and ckpt.get("format", FORMAT) != FORMAT:
+        raise SPDError(f"{path} has format {ckpt['format']}, this code reads {FORMAT}; {fix}")
+    return ckpt
+
+
+def _check_identity(path, spd, identity):
+    mine = target_identity(spd)
+    for name, (shape, digest) in identity.items():
+        if name not in mine or mine[name][0] != shape or mine[name][1] != digest:
+            raise SPDError(f"{path} was made for a different target: layer {name!r} differs "
+                           f"(shape or weights); delete it or pass the matching target")
+
+
+def _trained_state(spd):
+    """U, V and the CI parameters (the frozen target is not saved)."""
+    keep = {n for n, p in spd.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu() for k, v in spd.state_dict().items() if k in keep}
+
+
+def _restore(spd, path, ckpt):
+    _check_identity(path, spd, ckpt["identity"])
+    dev = next(iter(spd.layers.values())).W.device
+    spd.load_state_dict({k: v.to(dev) for k, v in ckpt["state"].items()}, strict=False)
+
+
 def save(spd, path, config=None):
     """One file: U, V, the CI parameters, the SPDModel spec, a config and the target's identity."""
     if dataclasses.is_dataclass(config):
         config = dataclasses.asdict(config)
-    keep = {n for n, p in spd.named_parameters() if p.requires_grad}
-    torch.save({"state": {k: v.detach().cpu() for k, v in spd.state_dict().items() if k in keep},
-                "spec": spd.spec, "config": config or {}, "identity": target_identity(spd)}, path)
+    atomic_save({"format": FORMAT, "spec": spd.spec, "config": config or {},
+                 "identity": target_identity(spd), "state": _trained_state(spd)}, path)
 
 
 def load(path, target):
     """(SPDModel on `target`, saved config) from a file written by `save`."""
-    try:
-        ckpt = torch.load(path, weights_only=True, map_location="cpu")
-    except FileNotFoundError:
-        raise SPDError(f"no decomposition at {path}: train one first") from None
+    ckpt = read_file(path, "decomposition", "train one first (or delete the file and retrain)",
+                     keys=("spec", "identity", "state"))
     spd = SPDModel(target, **ckpt["spec"])
-    mine = target_identity(spd)
-    for name, (shape, digest) in ckpt["identity"].items():
-        if mine[name][0] != shape or mine[name][1] != digest:
-            raise SPDError(f"{path} was made for a different target: layer {name!r} has "
-                           f"shape {mine[name][0]} (saved {shape}) or different weights")
-    dev = next(iter(spd.layers.values())).W.device
-    spd.load_state_dict({k: v.to(dev) for k, v in ckpt["state"].items()}, strict=False)
+    _restore(spd, path, ckpt)
     return spd, ckpt["config"]
+
+
+RUN_ONLY = {"resume", "log_every", "checkpoint_every", "threads", "device", "out_dir"}  # may change on resume
+
+
+def save_checkpoint(path, spd, opt, cfg, step, history, data_rng=None):
+    """Everything a run needs to continue exactly after `step` steps."""
+    atomic_save({"format": FORMAT, "step": step, "history": history, "identity": target_identity(spd),
+                 "config": dataclasses.asdict(cfg), "optimizer": opt.state_dict(),
+                 "state": _trained_state(spd), "rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                 "data_rng": data_rng.get_state() if data_rng is not None else None}, path)
+
+
+def load_checkpoint(path, spd, opt, cfg, data_rng=None):
+    """Restore a run saved by save_checkpoint; returns (next step, history)."""
+    fix = "delete it to start again"
+    if not path:
+        raise SPDError("--resume=true needs a checkpoint path")
+    ckpt = read_file(path, "checkpoint", fix, keys=("step", "config", "optimizer", "state", "rng"))
+    now = dataclasses.asdict(cfg)
+    diff = [k for k in now if k not in RUN_ONLY and ckpt["config"].get(k) != now[k]]
+    if diff:
+        raise SPDError(f"{path} was saved with --{diff[0]}={ckpt['config'].get(diff[0])}, not "
+                       f"{now[diff[0]]}: resume with the same config, or {fix}")
+    _restore(spd, path, ckpt)
+    opt.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    if ckpt["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    if data_rng is not None and ckpt["data_rng"] is not None:
+        data_rng.set_state(ckpt["data_rng"])
+    return ckpt["step"], ckpt["history"]
 
 
 # -----------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Tests for spd.py: each numeric check against an independent reference (hand-made tensors,
 dense re-computation, loops). Run: python -m pytest -q"""
 import copy
+import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -338,7 +340,8 @@ def test_short_run_lowers_loss_and_keeps_target(ci):
 def test_lr_schedule_and_p_annealing():
     cfg = spd.Config(steps=101, lr=1.0, lr_warmup=0.1, lr_schedule="cosine", p_start=0.9, p_final=0.1)
     assert spd.lr_at(cfg, 0) == pytest.approx(0.1) and spd.lr_at(cfg, 10) == pytest.approx(1.0)
-    assert spd.lr_at(cfg, 100) < 1e-3
+    assert spd.lr_at(cfg, 100) == pytest.approx(0.0, abs=1e-12)
+    assert spd.lr_at(cfg, 55) == pytest.approx(math.cos(math.pi / 4))  # halfway: cos(π/4), not 0.5
     assert spd.minimality_p(cfg, 0) == 0.9 and spd.minimality_p(cfg, 100) == pytest.approx(0.1)
     assert spd.minimality_p(cfg, 50) == pytest.approx(0.5)
 
@@ -394,7 +397,7 @@ def test_save_load_roundtrip_and_mismatch(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(spd.SPDError, match="different target"):
         spd.load(path, tiny(seed=1))
-    with pytest.raises(spd.SPDError, match="no decomposition at"):
+    with pytest.raises(spd.SPDError, match="no decomposition there"):
         spd.load(tmp_path / "missing.pt", m)
 
 
@@ -435,7 +438,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def test_tiny_end_to_end_outputs(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out_dir, tiny_path = tmp_path / "out", tmp_path / "cache" / "tiny.pt"
-    res = gpt2_facts.main(["--model=tiny", "--steps=20", "--log_every=10", "--threads=1",
+    res = gpt2_facts.main(["--model=tiny", "--steps=20", "--log_every=10", "--threads=1", "--device=cpu",
                            f"--out_dir={out_dir}", f"--tiny_path={tiny_path}"])
     printed = capsys.readouterr().out
     for k in range(1, 7):                                       # all six analyses, and 1b
@@ -694,7 +697,7 @@ def test_presets():
 def induction_argv(tmp_path, *extra):
     return ["--steps=6", "--batch_size=8", "--eval_batch=32", "--C=8", "--d_gate=4",
             "--target_steps=40", "--target_batch_size=32", "--faithfulness_warmup_steps=5",
-            "--threads=1", "--log_every=3", f"--target_path={tmp_path}/target.pt",
+            "--threads=1", "--log_every=3", "--device=cpu", f"--target_path={tmp_path}/target.pt",
             f"--out_dir={tmp_path}", *extra]
 
 
@@ -735,7 +738,7 @@ def test_induction_bad_input(tmp_path):
         induction.main(induction_argv(tmp_path, "--nope=1"))
     with pytest.raises(spd.SPDError, match="unknown preset"):
         induction.main(induction_argv(tmp_path, "--preset=huge"))
-    with pytest.raises(spd.SPDError, match="no decomposition at"):
+    with pytest.raises(spd.SPDError, match="no decomposition there"):
         induction.main(induction_argv(tmp_path, "--svd-baseline", f"--out_dir={tmp_path}/none",
                                       "--target_steps=1"))
 
@@ -768,3 +771,286 @@ def test_greedy_svd_pruning_on_known_rank():
     assert all(kl > 1e-4 for r, kl in full if r < 8)                # below the rank, KL rises
     assert induction.svd_sweep(full, [1e-6, float("inf")]) == [(1e-6, *path[-1]), (float("inf"), *full[-1])]
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())  # caller's model untouched
+
+
+def test_target_training_resumes_exactly(tmp_path):
+    """A target run stopped after a save continues to the same weights as an unbroken run."""
+    path, kw = str(tmp_path / "t.pt"), dict(steps=30, batch_size=16, eval_every=10, target_acc=None)
+    whole = induction.train_target(log=lambda *a: None, **kw)
+
+    def stop_at_20(line):
+        if line.startswith("step     20"):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        induction.train_target(log=stop_at_20, save_path=path, **kw)
+    assert torch.load(path, weights_only=True)["step"] == 10
+    resumed = induction.train_target(log=lambda *a: None, save_path=path, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(),
+                                                   resumed.state_dict().values()))
+    assert "optimizer" not in torch.load(path, weights_only=True)  # finished
+
+
+def test_induction_data_and_positions():
+    """The official conventions: [BOS] T.. s m T.. s, s1 in [2, S-3], sinusoidal positions."""
+    tokens, s1 = induction.make_batch(4096, 64, 128, torch.Generator().manual_seed(0))
+    s = induction.s_token(128)
+    b = torch.arange(4096)
+    assert (tokens[:, 0] == induction.BOS).all() and (tokens[:, -1] == s).all()
+    assert (tokens[b, s1] == s).all() and s1.min() == 2 and s1.max() == 61
+    assert ((tokens == s).sum(1) == 2).all() and (tokens[:, 1:] != induction.BOS).all()
+    assert tokens[:, 1:-1][tokens[:, 1:-1] != s].min() == 1 and tokens.max() == s
+    pe = induction.sinusoidal_positions(10, 4)
+    assert pe[3, 0] == pytest.approx(math.sin(3)) and pe[3, 1] == pytest.approx(math.cos(3))
+    assert pe[3, 2] == pytest.approx(math.sin(3 / 100)) and pe[3, 3] == pytest.approx(math.cos(3 / 100))
+    # positions enter after the Q/K projections: with W_Q = W_K = 0 the scores are pe·pe
+    m = induction.InductionTransformer()
+    with torch.no_grad():
+        m.blocks[0].attn.q_proj.weight.zero_()
+        m.blocks[0].attn.k_proj.weight.zero_()
+    _, (att0, _) = m(tokens[:2], return_attn=True)
+    pe = m.pe[:64]
+    ref = ((pe @ pe.T) / 4).masked_fill(torch.ones(64, 64, dtype=torch.bool).triu(1), -math.inf)
+    assert torch.allclose(att0[0], ref.softmax(-1), atol=1e-6)
+
+
+
+def test_committed_target_is_table3_and_supports_the_circuit():
+    """induction_target.pt: Table 3's recipe, solves the task, needs the positions on m's
+    query, and the paper's circuit alone reproduces it (oracle KL); a random target's does not."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "induction_target.pt")
+    ckpt = torch.load(path, weights_only=True)
+    assert {k: ckpt["recipe"][k] for k in ("steps", "batch_size", "lr", "weight_decay", "warmup")} == \
+        dict(steps=100_000, batch_size=1024, lr=1e-3, weight_decay=0.01, warmup=1000)
+    assert ckpt["step"] == 100_000 and "--train-target" in ckpt["command"]
+    target = induction.load_or_train_target(path, log=lambda *a: None)
+    assert induction.evaluate_target(target, n=1024) >= 0.99
+    mech = induction.mechanism_check(target, n=512)
+    assert mech["acc"] >= 0.99 and mech["acc_no_q_pos"] < 0.1
+    assert mech["l0_m_to_s1"] > 3 * mech["l0_m_to_s1_no_q_pos"]
+    assert induction.oracle_kl(target, n=256) < 1e-4
+    torch.manual_seed(0)
+    assert induction.oracle_kl(induction.InductionTransformer(), n=256) > 1e-3
+
+# -----------------------------------------------------------------------------
+# CUDA only (skipped elsewhere): the compiled flex-attention path and a full step on the GPU
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("S", [16, 64, 200])
+def test_flex_equals_math_on_cuda(causal, S):
+    """Compiled flex-attention = plain math on CUDA: values and gradients into q, k, v and r."""
+    torch.manual_seed(0)
+    B, d = 3, 16
+    leaves = [torch.randn(B, S, d, device="cuda") for _ in range(3)] + [torch.randn(2 * S - 1, device="cuda")]
+    w = torch.randn(B, S, d, device="cuda")
+    outs, grads = [], []
+    for flex in (True, False):
+        xs = [t.clone().requires_grad_() for t in leaves]
+        out = spd.ci_attention(*xs, causal=causal, flex=flex)
+        (out * w).sum().backward()
+        outs.append(out.detach())
+        grads.append([x.grad for x in xs])
+    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+    for name, a, b in zip("qkvr", *grads):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (name, (a - b).abs().max().item())
+
+
+@cuda
+def test_training_on_cuda_flex_equals_math_and_lowers_loss():
+    """A whole SPD step on CUDA gives the same loss and gradients through flex and plain math,
+    and a short run on the GPU lowers the loss and leaves the target unchanged."""
+    torch.manual_seed(0)
+    target = induction.InductionTransformer().cuda()
+    x = induction.make_batch(8, 64, 128, torch.Generator().manual_seed(0), "cuda")[0]
+    cfg = spd.Config(C=8, d_gate=4, steps=100, batch_size=8, lr=1e-2, log_every=1000)
+    runs = []
+    for flex in (False, True):                      # the run below trains the flex one
+        torch.manual_seed(0)
+        s = spd.SPDModel(target, list(induction.MATRICES.values()), C=8, d_gate=4,
+                         max_seq_len=64).cuda()
+        for layer in s.layers.values():
+            layer.ci.flex = flex
+        torch.manual_seed(1)
+        loss = spd.training_step(s, x, cfg, 0)[0]
+        loss.backward()
+        runs.append((loss.item(), [p.grad for p in s.trainable_parameters()]))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-4)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3)
+    hist = spd.train(s, cfg, lambda: x, log=lambda *a: None)
+    assert hist[-1]["total"] < 0.5 * hist[0]["total"]
+
+
+# -----------------------------------------------------------------------------
+# runs that never lose work: bad input, NaN, unreadable files, resume, Ctrl-C
+
+def snapshot(folder):
+    return {p: open(os.path.join(folder, p), "rb").read() for p in sorted(os.listdir(folder))
+            if os.path.isfile(os.path.join(folder, p))}
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory):
+    """A finished tiny induction run and a tiny-model cache, to be protected from bad input."""
+    d = tmp_path_factory.mktemp("runs")
+    assert induction.cli(induction_argv(d)) == 0
+    torch.manual_seed(0)
+    other = induction.InductionTransformer()
+    spd.save(spd.SPDModel(other, list(induction.MATRICES.values()), C=8, d_gate=4), str(d / "other_spd.pt"))
+    return d
+
+
+def corrupt(path, how):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2] if how == "truncate" else b"not a checkpoint at all")
+
+
+BAD_INDUCTION = {  # case -> (extra argv, expected message, file to break first)
+    "C": (["--C=-5"], r"--C=-5 is out of range: it must be >= 1", None),
+    "steps": (["--steps=0"], "--steps=0 is out of range", None),
+    "lr_negative": (["--lr=-1"], "--lr=-1.0 is out of range: it must be > 0", None),
+    "lr_nan": (["--lr=nan"], "--lr=nan is out of range", None),
+    "lr_inf": (["--lr=inf"], "--lr=inf is out of range", None),
+    "beta": (["--beta_minimality=-1"], "--beta_minimality=-1.0 is out of range", None),
+    "p_zero": (["--p_final=0"], r"--p_final=0.0 is out of range: it must be in \(0, 2\]", None),
+    "p_big": (["--p_start=3"], "--p_start=3.0 is out of range", None),
+    "threshold": (["--threshold=1.5"], r"--threshold=1.5 is out of range: it must be in \[0, 1\)", None),
+    "batch": (["--batch_size=0"], "--batch_size=0 is out of range", None),
+    "ci": (["--ci=foo"], "--ci=foo is out of range: it must be one of scalar, vector, attention", None),
+    "optimizer": (["--optimizer=sgd"], "--optimizer=sgd is out of range", None),
+    "schedule": (["--lr_schedule=linear"], "--lr_schedule=linear is out of range", None),
+    "warmup": (["--lr_warmup=1.5"], "--lr_warmup=1.5 is out of range", None),
+    "device": (["--device=tpu"], "--device=tpu is out of range", None),
+    "unknown_key": (["--nope=1"], "unknown config key 'nope'", None),
+    "bad_type": (["--C=abc"], "--C needs an int", None),
+    "preset": (["--preset=huge"], "unknown preset 'huge'", None),
+    "nan_run": (["--lr=1e6", "--steps=60"], r"step \d+: the loss term \w+ is (nan|inf).*lower --lr", None),
+    "resume_nothing": (["--resume=true"], r"checkpoint.pt: no checkpoint there", None),
+    "garbage_target": (["--target_path={d}/bad_target.pt"], r"bad_target.pt is not a readable induction target \(UnpicklingError\); delete it", "bad_target.pt:garbage"),
+    "target_not_ours": (["--target_path={d}/other_spd.pt"], r"other_spd.pt is no induction target: it has no 'state_dict'", None),
+    "truncated_spd": (["--svd-baseline", "--out_dir={d}/cut"], r"spd.pt is not a readable decomposition", "cut/spd.pt:truncate"),
+    "spd_other_target": (["--svd-baseline", "--out_dir={d}/foreign"], r"spd.pt was made for a different target", "foreign/spd.pt:other"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INDUCTION)
+def test_bad_input_never_loses_work(case, finished_runs, capsys):
+    d = finished_runs
+    extra, message, breaks = BAD_INDUCTION[case]
+    if breaks:
+        name, how = breaks.split(":")
+        os.makedirs(os.path.dirname(d / name), exist_ok=True)
+        if how == "other":
+            import shutil
+            shutil.copy(d / "other_spd.pt", d / name)
+        else:
+            if not (d / name).exists():
+                import shutil
+                shutil.copy(d / ("spd.pt" if "spd" in name else "target.pt"), d / name)
+            corrupt(d / name, how)
+    before = {sub: snapshot(d / sub) for sub in ["", "cut", "foreign"] if (d / sub).exists()}
+    code = induction.cli(induction_argv(d, *[e.format(d=d) for e in extra]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and err[0].startswith("error: "), err
+    assert re.search(message, err[0]), err[0]
+    assert {sub: snapshot(d / sub) for sub in before} == before      # nothing written or overwritten
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--C=0"], "--C=0 is out of range"), (["--threshold=-0.1"], "--threshold=-0.1 is out of range"),
+    (["--batch_size=3"], "--batch_size must be a multiple of 2"), (["--steps=-1"], "--steps=-1 is out of range"),
+])
+def test_facts_bad_config(extra, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        gpt2_facts.main(["--model=tiny", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_facts_garbage_tiny_cache(tmp_path, capsys):
+    bad = tmp_path / "tiny.pt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(SystemExit):
+        gpt2_facts.main(["--model=tiny", f"--tiny_path={bad}", f"--out_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "tiny.pt is not a readable tiny model cache" in err
+    assert bad.read_bytes() == b"garbage"
+
+
+def test_every_config_field_has_a_rule():
+    for cfg, rules in [(spd.Config(), spd.CONFIG_RULES), (induction.InductionConfig(), induction.RULES),
+                       (gpt2_facts.FactsConfig(), gpt2_facts.RULES)]:
+        assert {f.name for f in dataclasses.fields(cfg) if f.type not in (bool, "bool")} <= set(rules)
+        spd.check_config(cfg, rules)                                  # the defaults are allowed
+
+
+def test_resume_is_exact_and_checked(tmp_path):
+    """Interrupt at step 7 (SIGINT from inside), resume: bit-identical to an unbroken run."""
+    import signal
+    path = str(tmp_path / "ckpt.pt")
+    cfg = spd.Config(ci="attention", steps=15, lr=1e-2, log_every=5, checkpoint_every=4,
+                     beta_stochastic_partial_recon=1, last_token_only=False)
+
+    def run(cfg, interrupt_at=None):
+        torch.manual_seed(0)
+        s = spd.SPDModel(tiny(), "blocks.*.attn.*", C=6, ci="attention", d_gate=4, max_seq_len=6)
+        gen, calls = torch.Generator().manual_seed(0), []
+
+        def batch():
+            calls.append(1)
+            if len(calls) == interrupt_at:
+                os.kill(os.getpid(), signal.SIGINT)
+            return torch.randint(0, 11, (8, 6), generator=gen)
+        hist = spd.train(s, cfg, batch, log=lambda *a: None, checkpoint=path, data_rng=gen)
+        return s, hist
+
+    whole, hist = run(cfg)
+    os.remove(path)                                                    # the last periodic checkpoint
+    with pytest.raises(spd.SPDError, match="interrupted after step 7; saved .*--resume=true"):
+        run(cfg, interrupt_at=8)
+    assert torch.load(path, weights_only=True)["step"] == 8
+    with pytest.raises(spd.SPDError, match="holds an unfinished run"):
+        run(cfg)
+    with pytest.raises(spd.SPDError, match="saved with --lr=0.01, not 0.02"):
+        run(dataclasses.replace(cfg, resume=True, lr=2e-2))
+    resumed, hist2 = run(dataclasses.replace(cfg, resume=True))
+    for (n, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert [h["total"] for h in hist2] == [h["total"] for h in hist]
+
+
+def test_ctrl_c_then_resume(tmp_path):
+    """SIGINT to a running `python induction.py`, then --resume=true: the same decomposition."""
+    import signal
+    argv = induction_argv(tmp_path, "--steps=300", "--log_every=1", "--checkpoint_every=0")
+    assert induction.cli(argv[:-1] + [f"--out_dir={tmp_path}/whole"]) == 0  # also trains the target
+    proc = subprocess.Popen([sys.executable, "induction.py", *argv], cwd=os.path.dirname(
+        os.path.abspath(__file__)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("step      3 |"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and err.strip().startswith("error: interrupted after step"), err
+    assert "Traceback" not in err and (tmp_path / "checkpoint.pt").exists()
+    assert induction.cli(argv + ["--resume=true"]) == 0
+    assert not (tmp_path / "checkpoint.pt").exists()
+    a = torch.load(tmp_path / "spd.pt", weights_only=True)["state"]
+    b = torch.load(tmp_path / "whole" / "spd.pt", weights_only=True)["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_other_format_version_is_a_one_line_error(tmp_path):
+    m = tiny()
+    s = spd.SPDModel(m, "blocks.*.attn.q_proj", C=4)
+    spd.save(s, str(tmp_path / "s.pt"))
+    ckpt = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert ckpt["format"] == spd.FORMAT and not (tmp_path / "s.tmp.pt").exists()   # renamed into place
+    torch.save({**ckpt, "format": spd.FORMAT + 1}, tmp_path / "s.pt")
+    with pytest.raises(spd.SPDError, match=f"has format {spd.FORMAT + 1}, this code reads {spd.FORMAT}"):
+        spd.load(str(tmp_path / "s.pt"), m)

@@ -39,9 +39,7 @@ Dimensions: B batch (the two facts), S sequence, C subcomponents per matrix.
 
 import copy
 import dataclasses
-import json
 import os
-import pathlib
 import socket
 import sys
 import time
@@ -387,10 +385,9 @@ PRESETS = {
 PRESETS["tiny"] = {**PRESETS["paper"], "C": TINY_CONFIG["n_embd"], "d_gate": 16, "steps": 6000,
                    "log_every": 500, "threads": 1}
 
-ANY_TEXT = (lambda v: True, "any text")
 RULES = {**spd.CONFIG_RULES,  # the allowed values of FactsConfig's own fields
          "model": (lambda v: v != "", "gpt2, a hub id, a local folder, tiny or gpt2-random"),
-         "preset": ANY_TEXT, "patterns": (lambda v: v != "", "module globs"),
+         "preset": (lambda v: True, "any text"), "patterns": (lambda v: v != "", "module globs"),
          "edit_patterns": (lambda v: v != "", "module globs"),
          "threshold": (lambda v: 0 <= v < 1, "in [0, 1)"), "out_dir": (lambda v: v != "", "a folder"),
          "tiny_path": (lambda v: v != "", "a file path"), "threads": spd._at_least(0)}
@@ -533,8 +530,8 @@ def run(cfg):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    history = spd.train(s, cfg, lambda: (xb, wb), log=print,
-                        checkpoint=os.path.join(cfg.out_dir, "checkpoint.pt"))
+    checkpoint = os.path.join(cfg.out_dir, "checkpoint.pt")
+    history = spd.train(s, cfg, lambda: (xb, wb), log=print, checkpoint=checkpoint)
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.time() - t0
@@ -567,10 +564,9 @@ def run(cfg):
     res["zero_mlp"] = report_zero_mlp(model, tokenizer, P0[0][0])
 
     res["wall_seconds"] = time.time() - t_start
-    spd.atomic_write(os.path.join(cfg.out_dir, "results.json"),
-                     lambda tmp: pathlib.Path(tmp).write_text(json.dumps(res, indent=1)))
-    if os.path.exists(os.path.join(cfg.out_dir, "checkpoint.pt")):
-        os.remove(os.path.join(cfg.out_dir, "checkpoint.pt"))     # complete: results.json holds it
+    spd.atomic_save_json(res, os.path.join(cfg.out_dir, "results.json"))
+    if os.path.exists(checkpoint):
+        os.remove(checkpoint)                                    # complete: results.json holds it
     figures = save_figures(res, cfg.out_dir)
     print(f"\nwrote {os.path.join(cfg.out_dir, 'results.json')}"
           + (f" and {', '.join(figures)}" if figures else " (no matplotlib: no figures)")

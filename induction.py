@@ -30,10 +30,8 @@ Dimensions: B batch, S sequence, d d_model, V vocabulary, C subcomponents per ma
 
 import copy
 import dataclasses
-import json
 import math
 import os
-import pathlib
 import sys
 import time
 from dataclasses import dataclass
@@ -693,9 +691,6 @@ def parse_config(argv):
     return cfg, preset
 
 
-def write_json(obj, path):
-    spd.atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=1)))
-
 
 def main(argv):
     """python induction.py [--table2 | --svd-baseline | --train-target] [--preset=cpu|paper]
@@ -729,13 +724,13 @@ def main(argv):
         lengths = (16, 64, 1024, 10240)
         rows = table2(target, cfg, lengths)
         print_table2(rows, lengths, name)
-        write_json({"device": name, "lengths": lengths, "it_per_s": rows, "paper": PAPER_TABLE2}, out("table2.json"))
+        spd.atomic_save_json({"device": name, "lengths": lengths, "it_per_s": rows, "paper": PAPER_TABLE2}, out("table2.json"))
         return rows
     if "--svd-baseline" in modes:
         s, _ = spd.load(out("spd.pt"), target)
         r = figure2(s.to(device), target, cfg)
         print_figure2(r)
-        write_json(r, out("figure2.json"))
+        spd.atomic_save_json(r, out("figure2.json"))
         if save_figure2(r, out("figure2.png")):
             print(f"saved {out('figure2.png')}")
         return r
@@ -757,7 +752,7 @@ def main(argv):
     print_table1(results)
     results.update(config=dataclasses.asdict(cfg), preset=preset, history=history,
                    wall_seconds=time.time() - t0)
-    write_json(results, out("table1.json"))
+    spd.atomic_save_json(results, out("table1.json"))
     spd.save(s, out("spd.pt"), cfg)
     if os.path.exists(out("checkpoint.pt")):
         os.remove(out("checkpoint.pt"))                # the run is complete: spd.pt holds it

@@ -28,6 +28,7 @@ import copy
 import dataclasses
 import fnmatch
 import hashlib
+import json
 import math
 import os
 import time
@@ -775,6 +776,13 @@ def atomic_write(path, write):
 
 def atomic_save(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_save_json(obj, path):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, write)
 
 
 def read_file(path, what, fix, keys=()):

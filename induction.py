@@ -23,6 +23,7 @@ preset trains a faster stand-in (batch 256, lr 1e-2, until 99.5% held-out accura
 Run:  python induction.py [--preset=cpu|paper] [--key=value ...]   Table 1
       python induction.py --svd-baseline                            Figure 2 (after the above)
       python induction.py --table2                                  Table 2
+      python induction.py --bench [--bench_against=OLD/spd.py]      ms per step (our speed check)
       python induction.py --preset=paper --train-target             the target, Table 3 exactly
 
 Dimensions: B batch, S sequence, d d_model, V vocabulary, C subcomponents per matrix.
@@ -30,8 +31,10 @@ Dimensions: B batch, S sequence, d d_model, V vocabulary, C subcomponents per ma
 
 import copy
 import dataclasses
+import importlib.util
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -331,6 +334,7 @@ class InductionConfig(spd.Config):
     out_dir: str = "runs/induction"
     threads: int = 0                   # torch CPU threads (0: torch's default, one per core)
     max_memory_gb: float = 16.0        # Table 2: skip a variant whose step would need more memory
+    bench_against: str = ""            # --bench: another spd.py to time beside this one
     device: str = "auto"               # auto: CUDA when available, else CPU
 
 
@@ -628,17 +632,8 @@ def table2(target, cfg, lengths=(16, 64, 1024, 10240), repeats=5, log=print):
             for layer in s.layers.values():
                 layer.ci.flex = flex if ci == "attention" else None
             opt = spd.make_optimizer(s, bench)
-            times = []
             try:
-                for i in range(2 + repeats):                  # 2 warm-up steps (and compilation)
-                    t = time.perf_counter()
-                    loss = spd.training_step(s, x, bench, i)[0]
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    times.append(time.perf_counter() - t)
+                times = [timed_step(spd, s, x, bench, opt, i) for i in range(2 + repeats)]  # 2 warm-up
             except torch.OutOfMemoryError:
                 rows[label].append("out of memory")
                 log(f"  S {S:5d} B {B:2d} {label:20s} out of memory")
@@ -654,6 +649,51 @@ def table2(target, cfg, lengths=(16, 64, 1024, 10240), repeats=5, log=print):
             log(f"  S {S:5d} B {B:2d} {label:20s} {1 / step:7.2f} it/s  ({step * 1000:.0f} ms/step{mem})")
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+    return rows
+
+
+def timed_step(module, s, x, cfg, opt, step):
+    """Seconds of one decomposition step (forward, backward, optimizer) with `module` (spd)."""
+    t = time.perf_counter()
+    loss = module.training_step(s, x, cfg, step)[0]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def bench(target, against="", steps=20, log=print):
+    """Median ms per decomposition step at the anchor config of our speed work (MEASURED.md):
+    the 8 q/k/v/out matrices, C 100, D_gate 16, batch 64, S 64, one mask sample, the losses
+    faithfulness, recon, stochastic recon, stochastic layerwise recon and minimality (Table 4's
+    betas), for the vector and the attention CI. against: the path of another spd.py (e.g. an
+    older commit's, checked out with `git worktree add`); its steps alternate with ours in this
+    one process, so a noisy machine slows both alike."""
+    versions = {"spd.py": spd}
+    if against:
+        spec = importlib.util.spec_from_file_location("spd_against", against)
+        versions[against] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(versions[against])
+    device = next(target.parameters()).device
+    x = make_batch(64, 64, target.config["vocab_size"], torch.Generator().manual_seed(0), device)[0]
+    names = list(decomposed_matrices(True).values())
+    rows = {}
+    for ci in ("vector", "attention"):
+        runs = []
+        for label, module in versions.items():
+            cfg = module.Config(C=100, d_gate=16, ci=ci, n_mask_samples=1, batch_size=64,
+                                beta_layerwise_recon=0.0, device=device.type)
+            torch.manual_seed(0)
+            s = module.SPDModel(target, names, C=100, ci=ci, d_gate=16, max_seq_len=64).to(device)
+            runs.append((label, module, cfg, s, module.make_optimizer(s, cfg), []))
+        for i in range(steps + 2):                       # the first 2 are warm-up
+            for label, module, cfg, s, opt, times in runs:
+                times.append(timed_step(module, s, x, cfg, opt, i))
+        for label, *_, times in runs:
+            rows[f"{ci} CI, {label}"] = 1000 * statistics.median(times[2:])
+            log(f"{ci:9s} CI  {label:30s} {rows[f'{ci} CI, {label}']:7.1f} ms/step")
     return rows
 
 
@@ -673,7 +713,8 @@ RULES = {**spd.CONFIG_RULES,  # the allowed values of InductionConfig's own fiel
          "target_weight_decay": spd._NONNEGATIVE, "target_warmup": spd._at_least(0),
          "target_stop_acc": spd._POSITIVE, "target_eval_every": spd._at_least(1),
          "target_path": (lambda v: v != "", "a file path"), "out_dir": (lambda v: v != "", "a folder"),
-         "threads": spd._at_least(0), "max_memory_gb": spd._POSITIVE}
+         "threads": spd._at_least(0), "max_memory_gb": spd._POSITIVE,
+         "bench_against": (lambda v: v == "" or os.path.isfile(v), "an existing spd.py file")}
 
 
 def parse_config(argv):
@@ -693,9 +734,9 @@ def parse_config(argv):
 
 
 def main(argv):
-    """python induction.py [--table2 | --svd-baseline | --train-target] [--preset=cpu|paper]
+    """python induction.py [--table2 | --bench | --svd-baseline | --train-target] [--preset=cpu|paper]
     [--key=value ...]"""
-    modes = [a for a in argv if a in ("--table2", "--svd-baseline", "--train-target")]
+    modes = [a for a in argv if a in ("--table2", "--bench", "--svd-baseline", "--train-target")]
     cfg, preset = parse_config([a for a in argv if a not in modes])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -725,6 +766,12 @@ def main(argv):
         rows = table2(target, cfg, lengths)
         print_table2(rows, lengths, name)
         spd.atomic_save_json({"device": name, "lengths": lengths, "it_per_s": rows, "paper": PAPER_TABLE2}, out("table2.json"))
+        return rows
+    if "--bench" in modes:
+        print(f"SPD step at the anchor config on {device} ({torch.get_num_threads()} threads):")
+        rows = bench(target, cfg.bench_against)
+        spd.atomic_save_json({"device": str(device), "threads": torch.get_num_threads(),
+                              "ms_per_step": rows}, out("bench.json"))
         return rows
     if "--svd-baseline" in modes:
         s, _ = spd.load(out("spd.pt"), target)

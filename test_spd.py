@@ -177,6 +177,105 @@ def test_gamma_mlps_match_a_loop_over_c():
         assert torch.allclose(sca(a)[..., c], ref, atol=1e-6)
 
 
+def value_and_grads(f, tensors, seed=1):
+    out = f()
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed))
+    grads = torch.autograd.grad(out, tensors, g, allow_unused=True)
+    return [out, *(torch.zeros(()) if v is None else v for v in grads)]
+
+
+@pytest.mark.parametrize("ci", ["scalar", "vector", "attention"])
+def test_chunked_gamma_equals_reference(ci, monkeypatch):
+    """The fast CPU path of the γ-MLPs (_ChunkedGamma) against GammaMLPs.reference, float64:
+    the CI's output and the gradient into every parameter and into the input."""
+    monkeypatch.setattr(spd._ChunkedGamma, "ROWS", 7)            # several chunks, a ragged last
+    torch.manual_seed(0)
+    d, C, H = 5, 6, 4
+    f = spd.make_ci(ci, d, C, H, max_seq_len=9).double()
+    with torch.no_grad():
+        for p in f.parameters():
+            p.add_(torch.randn_like(p) * 0.5)                  # biases off zero, r off zero
+    x = torch.randn(3, 9, d, dtype=torch.float64, requires_grad=True)
+    V = torch.randn(C, d, dtype=torch.float64, requires_grad=True)
+    tensors = [x, V, *f.parameters()]
+    got = {}
+    for chunked in (False, True):
+        for m in f.modules():
+            if isinstance(m, spd.GammaMLPs):
+                m.chunked = chunked
+        got[chunked] = value_and_grads(lambda: f(x, V), tensors)
+    for a, b in zip(got[False], got[True]):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_minimality_equals_plain():
+    """importance_minimality_loss_fused(pre) = importance_minimality_loss(σ_H^upper(pre)), value
+    and gradient, float64, at the kinks (0, 1) and on both sides, for p a float or a tensor."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(600, dtype=torch.float64) * 1.5,
+                   torch.tensor([0.0, 1.0, -1e-3, 1e-3, 2.0, 1.0 + 1e-9], dtype=torch.float64)])
+    x = x.view(2, -1, 3).requires_grad_()
+    w = torch.rand(2, x.shape[1], dtype=torch.float64)
+    for p, weight in [(0.9, None), (0.5, w), (torch.tensor(0.3, dtype=torch.float64), w)]:
+        plain = value_and_grads(lambda: spd.importance_minimality_loss(
+            {"a": spd.leaky_hard_sigmoid(x, upper=True)}, p, weight), [x])
+        fused = value_and_grads(lambda: spd.importance_minimality_loss_fused({"a": x}, p, weight), [x])
+        for a, b in zip(plain, fused):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_fast_step_equals_plain_step(monkeypatch):
+    """A whole training step with the fast paths (chunked γ-MLPs, fused minimality) equals the
+    plain one, float64: every loss term and the gradient of every trainable parameter."""
+    s = spd.SPDModel(tiny(), "blocks.*.attn.*", C=6, ci="attention", d_gate=4, max_seq_len=6).double()
+    cfg = spd.Config(ci="attention", beta_layerwise_recon=1, beta_stochastic_partial_recon=1)
+    x = torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(0))
+    params = s.trainable_parameters()
+    plain_minimality = lambda pre, p, w=None: spd.importance_minimality_loss(
+        {n: spd.leaky_hard_sigmoid(v, upper=True) for n, v in pre.items()}, p, w)
+    got = []
+    for fast in (True, False):
+        with monkeypatch.context() as mp:
+            if not fast:
+                mp.setattr(spd, "importance_minimality_loss_fused", plain_minimality)
+            for m in s.modules():
+                if isinstance(m, spd.GammaMLPs):
+                    m.chunked = fast
+            torch.manual_seed(0)                                # the same masks and subsets
+            total, terms, _ = spd.training_step(s, x, cfg, 3)
+            got.append([total, *terms.values(), *torch.autograd.grad(total, params)])
+    for a, b in zip(*got):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_ctrl_c_in_faithfulness_warmup_is_one_line(monkeypatch):
+    def interrupted(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(spd, "faithfulness_warmup", interrupted)
+    s = spd.SPDModel(tiny(), "blocks.0.attn.q_proj", C=4, ci="vector", d_gate=4)
+    cfg = spd.Config(ci="vector", steps=2, faithfulness_warmup_steps=5)
+    with pytest.raises(spd.SPDError, match="interrupted during the faithfulness warm-up"):
+        spd.train(s, cfg, lambda: torch.randint(0, 11, (2, 6)), log=lambda *a: None)
+
+
+def test_compiled_step_compiles_once(monkeypatch):
+    """With step passed as a tensor (what train does with --compile=true), p is a tensor and
+    torch.compile traces the step once for every step, instead of once per value of p."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    s = spd.SPDModel(tiny(), "blocks.*.attn.*", C=4, ci="vector", d_gate=4)
+    cfg = spd.Config(ci="vector")
+    x = torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(0))
+    step = torch.compile(spd.training_step, backend="eager")
+    for i in range(3):                                          # raises if it recompiles
+        torch.manual_seed(i)
+        compiled = step(s, x, cfg, torch.tensor(i))[0]
+        torch.manual_seed(i)
+        assert torch.allclose(compiled, spd.training_step(s, x, cfg, i)[0], rtol=1e-5)
+    torch._dynamo.reset()
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_fallback_equals_flex(causal):

@@ -427,6 +427,27 @@ def greedy_completion(model, tokenizer, prompt, answer):
         ids.append(int(last_logits(model, tokenizer, [tokenizer.decode(ids)]).argmax(-1)))
     return tokenizer.decode(ids[len(tokenizer.encode(prompt)):])
 
+@torch.no_grad()
+def name_zeroed_probs(model, tokenizer, module, facts):
+    """P(final word) of athlete facts ("First Last ..."), with `module`'s output (a block's attention
+    or MLP) set to 0 at the name tokens only, every other position untouched. A forward hook, used
+    only for this diagnostic (the method itself never hooks)."""
+    prompts = [f.rsplit(" ", 1)[0] for f in facts]
+    rows = [[0.0] * len(tokenizer.encode(" ".join(p.split()[:2])))
+            + [1.0] * (len(tokenizer.encode(p)) - len(tokenizer.encode(" ".join(p.split()[:2]))))
+            for p in prompts]
+    keep = _pad(rows)[0].float().to(next(model.parameters()).device)      # (B, S) 0 at the names
+
+    def zero_names(mod, inputs, out):                # attention returns (output, weights)
+        if isinstance(out, tuple):
+            return (out[0] * keep[..., None],) + out[1:]
+        return out * keep[..., None]
+    handle = module.register_forward_hook(zero_names)
+    try:
+        return final_word_probs(model, tokenizer, facts)
+    finally:
+        handle.remove()
+
 def token_strings(tokenizer, ids):
     """Each id decoded on its own ("K", "obe", " Bryant" for GPT-2's BPE)."""
     return [tokenizer.decode([int(i)]) for i in ids]
@@ -665,6 +686,8 @@ def run(cfg):
     res["names"] = report_names(model, s, chosen, labels, tokenizer)
     res["reversed"] = report_reversed(model, edited["golf"], tokenizer)
     res["claim"] = report_claim(res)
+    res["where"] = report_where(model, s, on, tokenizer, edit_layers,
+                                TINY_ATHLETE_FACTS[2:] if cfg.model == "tiny" else ())
 
     res["wall_seconds"] = time.time() - t_start
     spd.atomic_save_json(res, os.path.join(cfg.out_dir, "results.json"))
@@ -819,13 +842,58 @@ def report_zero_mlp(model, tokenizer):
         print(f"{name:38s} | {r['P(sport)'][0]:17.4f} | {r['P(sport)'][1]:13.4f} | {r['facts_mean']:.4f}")
     return {"full": full, "layers": rows}
 
+def report_where(model, s, on, tokenizer, edit_layers, more=()):
+    """Analysis 7: where the two facts are, to read Analysis 6 by. (a) each block's attention / MLP
+    output zeroed at the name tokens only (is the fact assembled there?); (b) the (1b) search in
+    every decomposed matrix in turn, and in all at once (do the unique subcomponents of some layer
+    carry it?); (c) every edit-layer subcomponent active at any name token, unique or not (does the
+    edit layer carry it in directions the two examples share?)."""
+    out, prompts = {}, [f.rsplit(" ", 1)[0] for f in ATHLETE_FACTS]
+    print(f"\n(7) where the facts are\n(7a) one block's attention or MLP output zeroed at the name "
+          f"tokens only | Kobe: P(basketball) | Tiger: P(golf)" + (" | other athletes' mean" if more else ""))
+    rows = {"none": None} | {f"h.{i}.{part}": getattr(blk, part) for i, blk in enumerate(model.transformer.h)
+                             for part in ("attn", "mlp")}
+    out["zeroed_at_names"] = {}
+    for name, module in rows.items():
+        P = (final_word_probs(model, tokenizer, ATHLETE_FACTS + list(more)) if module is None
+             else name_zeroed_probs(model, tokenizer, module, ATHLETE_FACTS + list(more)))
+        out["zeroed_at_names"][name] = r = {"P(sport)": P[:2].tolist(),
+                                            "more_athletes_mean": P[2:].mean().item() if more else None}
+        print(f"{name:10s} | {r['P(sport)'][0]:.4f} | {r['P(sport)'][1]:.4f}"
+              + (f" | {r['more_athletes_mean']:.4f}" if more else ""))
+
+    def effect(b, chosen):                          # P(own sport) and P(the other's) after an edit
+        P = athlete_probs(suppress(model, s, chosen), tokenizer)
+        return {"n": sum(map(len, chosen.values())), "own": P[b][b], "other": P[1 - b][1 - b]}
+    pos = [[len(tokenizer.encode(first)) - 1, len(tokenizer.encode(f"{first} {last}")) - 1]
+           for first, last in ATHLETES]
+    print("(7b) suppressing the subcomponents unique at the name tokens, as (1b), one matrix at a "
+          "time | Kobe edit: n, P(basketball), Tiger's P(golf) | Tiger edit: n, P(golf), Kobe's P(basketball)")
+    out["unique_per_matrix"] = {}
+    for name in list(on) + ["all"]:
+        layers = list(on) if name == "all" else [name]
+        e = [effect(b, merge(*(unique_at(on, layers, b, p) for p in pos[b]))) for b in range(2)]
+        out["unique_per_matrix"][name] = e
+        print(f"{short(name):16s} | " + " | ".join(f"{x['n']:3d} {x['own']:.4f} {x['other']:.4f}" for x in e))
+    print(f"(7c) every {', '.join(short(n) for n in edit_layers)} subcomponent active at any name "
+          f"token, unique or not | n, P(own sport), the other's P(sport), FACTS mean")
+    out["all_active_at_names"] = []
+    for b, (first, last) in enumerate(ATHLETES):
+        n_name = len(tokenizer.encode(f"{first} {last}"))
+        chosen = {n: on[n][b, :n_name].any(0).nonzero().flatten().tolist() for n in edit_layers}
+        e = effect(b, chosen)
+        e["facts_mean"] = final_word_probs(suppress(model, s, chosen), tokenizer, FACTS).mean().item()
+        out["all_active_at_names"].append(e)
+        print(f"{first + ' ' + last:16s} | {e['n']:3d} {e['own']:.4f} {e['other']:.4f} {e['facts_mean']:.4f}")
+    return out
+
 def report_claim(res):
-    """Analysis 7: issue 11's test of the paper's claim: each edit selective (Analysis 3) and the
+    """Analysis 6: issue 11's test of the paper's claim: each edit selective (Analysis 3) and the
     reversed prompt still answered after the golf edit (Analysis 5)."""
     fs, rev = res["fact_set"], res["reversed"]
     holds = {sport: e["selective"] for sport, e in fs.items()}
     holds["reversed"] = rev["still_answers"]
-    print(f"\n(7) the paper's claim (edit layer {res['config']['edit_patterns']}): "
+    print(f"\n(6) the paper's claim (edit layer {res['config']['edit_patterns']}): "
           + ", ".join(f"{k} {'holds' if v else 'fails'}" for k, v in holds.items())
           + "; target P falls " + ", ".join(f"{e['target_before'] / max(e['target_after'], 1e-12):.1f}x"
                                            for e in fs.values())

@@ -4,7 +4,9 @@ Small Transformer Models" (arXiv 2511.08854), with the SPD method of spd.py.
 
 The paper decomposes GPT-2-small over two facts that it predicts correctly,
     "Kobe Bryant plays the sport of basketball" and "Tiger Woods plays the sport of golf",
-with the A.3.1 hyperparameters (the "paper" preset below), then:
+with the A.3.1 hyperparameters (the "paper" preset below). Before the decomposition it
+  0) zeroes each MLP in turn and reads P(sport) on both facts (A.3.2, Figure 9);
+then:
   1) counts the active subcomponents per layer and token (paper: 96 in all) and finds those in
      the layer-0 MLP that are active at a name token ("obe", "Bryant", "Woods") and nowhere in
      the other example;
@@ -13,16 +15,21 @@ with the A.3.1 hyperparameters (the "paper" preset below), then:
      prompts (paper: golf 0.620 -> 0.090 while basketball stays 0.630);
   3) checks the edit's selectivity on a 100-fact set (A.3.4, Figure 3);
   4) splits the Kobe Bryant edit into its first-name and last-name directions (Figure 4);
-  5) checks the reversed prompt "The most famous athlete in golf is" -> " Tiger" (Sec. 6.2);
-  6) zeroes each MLP in turn and reads P(basketball) (A.3.2, Figure 9).
+  5) checks the reversed prompt "The most famous athlete in golf is" -> " Tiger Woods" (Sec. 6.2);
+  6) says whether the paper's claim holds: target P down >= 5x, the other athlete and the
+     100 facts' mean within 0.05, the reversed prompt still answered;
+  7) looks for where the facts are: each block's output zeroed at the name tokens only, the
+     search of 1) in every decomposed matrix, every active layer-0 MLP direction at the names.
 Tables go to stdout, everything to <out_dir>/results.json (and figures 3, 4, 9 as PNGs if
 matplotlib is importable), the decomposition to <out_dir>/spd.pt.
 
 The models, all `transformers.GPT2LMHeadModel` with the same Conv1D module paths
 (transformer.h.{i}.attn.c_attn / attn.c_proj / mlp.c_fc / mlp.c_proj, weight (d_in, d_out)):
     "gpt2"         the real GPT-2-small (cached hub weights, or a local folder path)
-    "tiny"         a 2-layer GPT-2 with a word-level tokenizer, trained here in seconds on the
-                   facts (the two athletes, the 100 facts, the reversed prompt): runs offline
+    "tiny"         a 4-layer GPT-2 (d_model 64, MLP ratio 4) with a sub-word tokenizer in which
+                   every athlete's name is four pieces shared with other athletes of other
+                   sports ("K|obe| Bry|ant"), trained here in ~40 s on 128 athlete -> sport
+                   facts, the 100 facts and the reversed prompt: runs offline (TINY_CONFIG)
     "gpt2-random"  GPT-2-small shapes, random weights: only for memory/speed checks on a GPU
 Left out: the paper's full 100-fact set is unpublished; we use its 30-sentence excerpt verbatim
 plus 70 of our own in the same style. Causal tracing (A.3.2, Figures 7-8) is not reproduced.
@@ -30,7 +37,7 @@ plus 70 of our own in the same style. Causal tracing (A.3.2, Figures 7-8) is not
 Run:  python gpt2_facts.py                 (real GPT-2, paper preset; needs the weights, and in
                                             practice a big GPU: U, V and the CI MLPs are 3.3 B
                                             parameters, ~49 GiB with gradients and AdamW state)
-      python gpt2_facts.py --model=tiny    (fully offline, tiny preset, ~2.5 min on one core)
+      python gpt2_facts.py --model=tiny    (fully offline, tiny preset, ~4 min on one core)
       python gpt2_facts.py --model=gpt2-random --steps=200   (speed and memory at full size)
       any FactsConfig field as --key=value, e.g. --steps=500 --C=32 --threshold=0.1
 

@@ -269,8 +269,8 @@ class SubwordTokenizer:
 
 def split_prompt(tokenizer, sentence):
     """A fact -> (prompt_ids, target_id): the prompt is everything before the final word, the target
-    is the first token of " " + final word (GPT-2 BPE: the word with its leading space; word-level:
-    the word). The sequence decomposed over is prompt_ids + [target_id]."""
+    is the first token of " " + final word (" basketball", with its leading space, in both GPT-2's
+    BPE and the tiny tokenizer). The sequence decomposed over is prompt_ids + [target_id]."""
     prompt, word = sentence.rsplit(" ", 1)
     return tokenizer.encode(prompt), tokenizer.encode(" " + word)[0]
 
@@ -429,10 +429,11 @@ def final_word_probs(model, tokenizer, sentences):
 @torch.no_grad()
 def greedy_completion(model, tokenizer, prompt, answer):
     """The model's greedy continuation of prompt, as many tokens long as " " + answer."""
-    ids = tokenizer.encode(prompt)
+    ids, n = tokenizer.encode(prompt), len(tokenizer.encode(prompt))
+    device = next(model.parameters()).device
     for _ in tokenizer.encode(" " + answer):
-        ids.append(int(last_logits(model, tokenizer, [tokenizer.decode(ids)]).argmax(-1)))
-    return tokenizer.decode(ids[len(tokenizer.encode(prompt)):])
+        ids.append(int(model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].argmax()))
+    return tokenizer.decode(ids[n:])
 
 @torch.no_grad()
 def name_zeroed_probs(model, tokenizer, module, facts):
@@ -869,28 +870,30 @@ def report_where(model, s, on, tokenizer, edit_layers, more=()):
         print(f"{name:10s} | {r['P(sport)'][0]:.4f} | {r['P(sport)'][1]:.4f}"
               + (f" | {r['more_athletes_mean']:.4f}" if more else ""))
 
-    def effect(b, chosen):                          # P(own sport) and P(the other's) after an edit
-        P = athlete_probs(suppress(model, s, chosen), tokenizer)
-        return {"n": sum(map(len, chosen.values())), "own": P[b][b], "other": P[1 - b][1 - b]}
+    def effect(b, chosen):             # P(own sport), P(the other's) and the FACTS mean after an edit
+        edited = suppress(model, s, chosen)
+        P = athlete_probs(edited, tokenizer)
+        return {"n": sum(map(len, chosen.values())), "own": P[b][b], "other": P[1 - b][1 - b],
+                "facts_mean": final_word_probs(edited, tokenizer, FACTS).mean().item()}
     pos = [[len(tokenizer.encode(first)) - 1, len(tokenizer.encode(f"{first} {last}")) - 1]
            for first, last in ATHLETES]
     print("(7b) suppressing the subcomponents unique at the name tokens, as (1b), one matrix at a "
-          "time | Kobe edit: n, P(basketball), Tiger's P(golf) | Tiger edit: n, P(golf), Kobe's P(basketball)")
+          "time | Kobe edit: n, P(basketball), Tiger's P(golf), FACTS mean | Tiger edit: n, P(golf), "
+          "Kobe's P(basketball), FACTS mean")
     out["unique_per_matrix"] = {}
     for name in list(on) + ["all"]:
         layers = list(on) if name == "all" else [name]
         e = [effect(b, merge(*(unique_at(on, layers, b, p) for p in pos[b]))) for b in range(2)]
         out["unique_per_matrix"][name] = e
-        print(f"{short(name):16s} | " + " | ".join(f"{x['n']:3d} {x['own']:.4f} {x['other']:.4f}" for x in e))
+        print(f"{short(name):16s} | " + " | ".join(f"{x['n']:3d} {x['own']:.4f} {x['other']:.4f} "
+                                                   f"{x['facts_mean']:.4f}" for x in e))
     print(f"(7c) every {', '.join(short(n) for n in edit_layers)} subcomponent active at any name "
           f"token, unique or not | n, P(own sport), the other's P(sport), FACTS mean")
     out["all_active_at_names"] = []
     for b, (first, last) in enumerate(ATHLETES):
         n_name = len(tokenizer.encode(f"{first} {last}"))
         chosen = {n: on[n][b, :n_name].any(0).nonzero().flatten().tolist() for n in edit_layers}
-        e = effect(b, chosen)
-        e["facts_mean"] = final_word_probs(suppress(model, s, chosen), tokenizer, FACTS).mean().item()
-        out["all_active_at_names"].append(e)
+        out["all_active_at_names"].append(e := effect(b, chosen))
         print(f"{first + ' ' + last:16s} | {e['n']:3d} {e['own']:.4f} {e['other']:.4f} {e['facts_mean']:.4f}")
     return out
 

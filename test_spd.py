@@ -641,6 +641,34 @@ def test_tiny_tokenizer_splits_names_into_shared_pieces():
         tok.encode("Kobe \u00e9")
 
 
+def test_tiny_cache_is_retrained_when_tokenizer_data_or_config_change(tmp_path, monkeypatch, capsys):
+    trained = []
+
+    def fake_training(tokenizer):                      # an untrained model of the right shape, fast
+        trained.append(1)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), **gpt2_facts.TINY_CONFIG))
+    monkeypatch.setattr(gpt2_facts, "train_tiny", fake_training)
+    path = str(tmp_path / "tiny.pt")
+    gpt2_facts.load_tiny(path)
+    gpt2_facts.load_tiny(path)
+    assert len(trained) == 1                           # made once, then read from the cache
+    ckpt = torch.load(path)
+    assert (ckpt["tokens"], ckpt["sentences"], ckpt["config"]) == \
+        (gpt2_facts.SubwordTokenizer().tokens, gpt2_facts.ALL_SENTENCES, gpt2_facts.TINY_CONFIG)
+    changes = {"tokens": ckpt["tokens"][:-1], "sentences": ckpt["sentences"][1:],
+               "config": {**ckpt["config"], "n_layer": 2}}
+    for key, value in changes.items():
+        stale = dict(torch.load(path), **{key: value})
+        torch.save(stale, path)
+        gpt2_facts.load_tiny(path)
+        assert "retraining" in capsys.readouterr().out, key
+    old = {k: v for k, v in torch.load(path).items() if k != "tokens"} | {"words": ["<pad>"]}
+    torch.save(old, path)                              # a cache from the word-level tokenizer
+    gpt2_facts.load_tiny(path)
+    assert len(trained) == 1 + len(changes) + 1
+    assert torch.load(path)["tokens"] == gpt2_facts.SubwordTokenizer().tokens
+
+
 def test_suppression_on_conv1d_matches_dense_formula():
     from transformers.pytorch_utils import Conv1D
     torch.manual_seed(0)

@@ -4,7 +4,9 @@ Small Transformer Models" (arXiv 2511.08854), with the SPD method of spd.py.
 
 The paper decomposes GPT-2-small over two facts that it predicts correctly,
     "Kobe Bryant plays the sport of basketball" and "Tiger Woods plays the sport of golf",
-with the A.3.1 hyperparameters (the "paper" preset below), then:
+with the A.3.1 hyperparameters (the "paper" preset below). Before the decomposition it
+  0) zeroes each MLP in turn and reads P(sport) on both facts (A.3.2, Figure 9);
+then:
   1) counts the active subcomponents per layer and token (paper: 96 in all) and finds those in
      the layer-0 MLP that are active at a name token ("obe", "Bryant", "Woods") and nowhere in
      the other example;
@@ -13,16 +15,21 @@ with the A.3.1 hyperparameters (the "paper" preset below), then:
      prompts (paper: golf 0.620 -> 0.090 while basketball stays 0.630);
   3) checks the edit's selectivity on a 100-fact set (A.3.4, Figure 3);
   4) splits the Kobe Bryant edit into its first-name and last-name directions (Figure 4);
-  5) checks the reversed prompt "The most famous athlete in golf is" -> " Tiger" (Sec. 6.2);
-  6) zeroes each MLP in turn and reads P(basketball) (A.3.2, Figure 9).
+  5) checks the reversed prompt "The most famous athlete in golf is" -> " Tiger Woods" (Sec. 6.2);
+  6) says whether the paper's claim holds: target P down >= 5x, the other athlete and the
+     100 facts' mean within 0.05, the reversed prompt still answered;
+  7) looks for where the facts are: each block's output zeroed at the name tokens only, the
+     search of 1) in every decomposed matrix, every active layer-0 MLP direction at the names.
 Tables go to stdout, everything to <out_dir>/results.json (and figures 3, 4, 9 as PNGs if
 matplotlib is importable), the decomposition to <out_dir>/spd.pt.
 
 The models, all `transformers.GPT2LMHeadModel` with the same Conv1D module paths
 (transformer.h.{i}.attn.c_attn / attn.c_proj / mlp.c_fc / mlp.c_proj, weight (d_in, d_out)):
     "gpt2"         the real GPT-2-small (cached hub weights, or a local folder path)
-    "tiny"         a 2-layer GPT-2 with a word-level tokenizer, trained here in seconds on the
-                   facts (the two athletes, the 100 facts, the reversed prompt): runs offline
+    "tiny"         a 4-layer GPT-2 (d_model 64, MLP ratio 4) with a sub-word tokenizer in which
+                   every athlete's name is four pieces shared with other athletes of other
+                   sports ("K|obe| Bry|ant"), trained here in ~40 s on 128 athlete -> sport
+                   facts, the 100 facts and the reversed prompt: runs offline (TINY_CONFIG)
     "gpt2-random"  GPT-2-small shapes, random weights: only for memory/speed checks on a GPU
 Left out: the paper's full 100-fact set is unpublished; we use its 30-sentence excerpt verbatim
 plus 70 of our own in the same style. Causal tracing (A.3.2, Figures 7-8) is not reproduced.
@@ -30,7 +37,7 @@ plus 70 of our own in the same style. Causal tracing (A.3.2, Figures 7-8) is not
 Run:  python gpt2_facts.py                 (real GPT-2, paper preset; needs the weights, and in
                                             practice a big GPU: U, V and the CI MLPs are 3.3 B
                                             parameters, ~49 GiB with gradients and AdamW state)
-      python gpt2_facts.py --model=tiny    (fully offline, tiny preset, ~2.5 min on one core)
+      python gpt2_facts.py --model=tiny    (fully offline, tiny preset, ~4 min on one core)
       python gpt2_facts.py --model=gpt2-random --steps=200   (speed and memory at full size)
       any FactsConfig field as --key=value, e.g. --steps=500 --C=32 --threshold=0.1
 
@@ -40,6 +47,7 @@ Dimensions: B batch (the two facts), S sequence, C subcomponents per matrix.
 import copy
 import dataclasses
 import os
+import re
 import socket
 import sys
 import time
@@ -59,7 +67,7 @@ import spd
 ATHLETE_FACTS = ["Kobe Bryant plays the sport of basketball", "Tiger Woods plays the sport of golf"]
 # Section 6.2: the reversed direction, expected completion " Tiger"
 REVERSED_PROMPT = "The most famous athlete in golf is"
-REVERSED_TARGET = "Tiger"
+REVERSED_TARGET = "Tiger Woods"
 
 # A.3.4: 100 facts for the selectivity check, the target of each is its final word.
 # None is about golf or basketball, so suppressing an athlete -> sport direction should leave them alone.
@@ -168,38 +176,101 @@ FACTS = [
     "Venice is famous for its canals",
 ]
 assert len(FACTS) == 100 and len(set(FACTS)) == 100
-# every sentence any model here sees: the tiny model is trained on exactly these
-ALL_SENTENCES = ATHLETE_FACTS + FACTS + [f"{REVERSED_PROMPT} {REVERSED_TARGET}"]
+# The tiny model's athletes (issue 11): GPT-2 splits a name into sub-word pieces ("K|obe",
+# " Bry|ant"), and a piece alone means nothing, so some layer has to assemble the name before
+# the sport can be looked up. We make that so: every athlete's first name is an onset + a rhyme
+# and its last name a (spaced) onset + a rhyme, drawn from small piece lists, so each piece
+# occurs in ~16 names spread over all sports and only the combination of pieces gives the sport.
+# Kobe Bryant and Tiger Woods are two of them: "K|obe| Bry|ant" and "T|iger| Wo|ods" (GPT-2's BPE
+# has "K|obe| Bryant" and "T|iger| Woods": the paper's unique tokens are "obe", "Bryant", "Woods").
+FIRST_ONSETS = ["K", "T", "D", "M", "R", "J", "L", "B"]
+FIRST_RHYMES = ["obe", "iger", "arin", "elo", "ustin", "ami", "eon", "ev"]
+LAST_ONSETS = [" Bry", " Wo", " Ha", " Gr", " Fa", " Mo", " Ca", " Pe"]
+LAST_RHYMES = ["ant", "ods", "rden", "een", "rell", "ore", "rter", "ames"]
+TINY_SPORTS = ["basketball", "golf", "tennis", "soccer", "baseball", "hockey", "football", "cricket"]
+TINY_ATHLETE_TEMPLATE = "{} plays the sport of {}"     # the form of ATHLETE_FACTS
+
+def make_tiny_athletes(n=128, seed=0):
+    """[(first pieces, last pieces, sport)]: Kobe Bryant and Tiger Woods, then n - 2 distinct
+    random names, the sports balanced (n / 8 each) and shuffled, all from a fixed seed."""
+    rng = torch.Generator().manual_seed(seed)
+    pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=rng))]
+    athletes = [(("K", "obe"), (" Bry", "ant"), "basketball"), (("T", "iger"), (" Wo", "ods"), "golf")]
+    names = {(a[0], a[1]) for a in athletes}
+    while len(names) < n:
+        name = ((pick(FIRST_ONSETS), pick(FIRST_RHYMES)), (pick(LAST_ONSETS), pick(LAST_RHYMES)))
+        if name not in names:
+            names.add(name)
+            athletes.append((*name, None))
+    sports = [TINY_SPORTS[i % len(TINY_SPORTS)] for i in range(n)]
+    sports.remove("basketball"), sports.remove("golf")
+    sports = [sports[i] for i in torch.randperm(len(sports), generator=rng)]
+    return athletes[:2] + [(f, l, s) for (f, l, _), s in zip(athletes[2:], sports)]
+
+TINY_ATHLETES = make_tiny_athletes()
+TINY_ATHLETE_FACTS = [TINY_ATHLETE_TEMPLATE.format("".join(f) + "".join(l), s) for f, l, s in TINY_ATHLETES]
+assert TINY_ATHLETE_FACTS[:2] == ATHLETE_FACTS
+# every sentence the tiny model is trained on; the real GPT-2 sees only the evaluated ones
+ALL_SENTENCES = TINY_ATHLETE_FACTS + FACTS + [f"{REVERSED_PROMPT} {REVERSED_TARGET}"]
 
 # -----------------------------------------------------------------------------
-# tokenizers: GPT-2's BPE tokenizer (from transformers) or a word-level one, same interface `encode`
+# tokenizers: GPT-2's BPE tokenizer (from transformers) or the tiny model's sub-word one, same
+# interface: encode(text) -> ids, decode(ids) -> text
 
-class WordTokenizer:
-    """One token per space-separated word (punctuation stays part of the word), vocabulary built
-    from `sentences` in order of first appearance. Id 0 is <pad>. Makes "Kobe", "Bryant", "Tiger",
-    "Woods", "golf", "basketball" single tokens. Unknown words fail loudly."""
+class SubwordTokenizer:
+    """A GPT-2-like tokenizer for the tiny model. Text is pre-split as GPT-2 does, into words
+    with their leading space (" plays"). A word is one token if it is in `words` (every word of
+    the training sentences except the athletes' names: frequent words are whole in GPT-2's BPE
+    too); any other word is split greedily into the longest matching `pieces` (the name pieces
+    above, with and without a leading space) and single characters. So "Kobe Bryant" is
+    "K|obe| Bry|ant", and decode(encode(text)) == text for any text over the corpus' characters.
+    Id 0 is <pad>. A character never seen in the corpus fails loudly."""
 
-    def __init__(self, sentences=ALL_SENTENCES):
-        self.words = ["<pad>"]
-        for s in sentences:
-            self.words += [w for w in s.split() if w not in self.words]
-        self.ids = {w: i for i, w in enumerate(self.words)}
+    def __init__(self, sentences=ALL_SENTENCES, athletes=TINY_ATHLETES):
+        name_words = {"".join(p).strip() for f, l, _ in athletes for p in (f, l)}
+        words = [w for s in sentences for w in self.pre_split(s) if w.strip() not in name_words]
+        pieces = [p for xs in (FIRST_ONSETS, FIRST_RHYMES, LAST_ONSETS, LAST_RHYMES) for p in xs]
+        pieces += [" " + p for p in FIRST_ONSETS]                       # " Tiger" after "is"
+        chars = sorted({c for s in sentences for c in s})
+        self.tokens = list(dict.fromkeys(["<pad>"] + words + pieces + chars))  # ordered, distinct
+        self.ids = {t: i for i, t in enumerate(self.tokens)}
+        self.words = set(words)
+        self.pieces = sorted(set(pieces + chars), key=len, reverse=True)      # longest first
+        for f, l, _ in athletes:                     # the pieces the names were built from
+            assert self.tokenize("".join(f) + "".join(l)) == [*f, *l], (f, l)
+
+    @staticmethod
+    def pre_split(text):
+        """"Kobe Bryant plays" -> ["Kobe", " Bryant", " plays"] (GPT-2 also splits off
+        punctuation; the corpus has none that matters)."""
+        return re.findall(r" ?[^ ]+| +", text)
 
     def __len__(self):
-        return len(self.words)
+        return len(self.tokens)
+
+    def tokenize(self, text):
+        out = []
+        for w in self.pre_split(text):
+            while w and w not in self.words:
+                p = next((p for p in self.pieces if w.startswith(p)), None)
+                if p is None:
+                    raise ValueError(f"character {w[0]!r} is not in the tiny tokenizer's vocabulary")
+                out.append(p)
+                w = w[len(p):]
+            if w:
+                out.append(w)
+        return out
 
     def encode(self, text):
-        unknown = [w for w in text.split() if w not in self.ids]
-        assert not unknown, f"words not in the WordTokenizer vocabulary: {unknown}"
-        return [self.ids[w] for w in text.split()]
+        return [self.ids[t] for t in self.tokenize(text)]
 
     def decode(self, ids):  # ids beyond the vocabulary (gpt2-random's 50257 logits) read "<id>"
-        return " ".join(self.words[int(i)] if int(i) < len(self.words) else f"<{int(i)}>" for i in ids)
+        return "".join(self.tokens[int(i)] if int(i) < len(self.tokens) else f"<{int(i)}>" for i in ids)
 
 def split_prompt(tokenizer, sentence):
     """A fact -> (prompt_ids, target_id): the prompt is everything before the final word, the target
-    is the first token of " " + final word (GPT-2 BPE: the word with its leading space; word-level:
-    the word). The sequence decomposed over is prompt_ids + [target_id]."""
+    is the first token of " " + final word (" basketball", with its leading space, in both GPT-2's
+    BPE and the tiny tokenizer). The sequence decomposed over is prompt_ids + [target_id]."""
     prompt, word = sentence.rsplit(" ", 1)
     return tokenizer.encode(prompt), tokenizer.encode(" " + word)[0]
 
@@ -232,7 +303,7 @@ def load_model(name="gpt2", device="cpu", tiny_path=TINY_PATH):
         model, tokenizer = load_tiny(tiny_path)
     elif name == "gpt2-random":
         torch.manual_seed(0)  # GPT-2-small shapes; the word tokenizer's ids all fit in its vocab
-        model, tokenizer = GPT2LMHeadModel(GPT2Config(**NO_DROPOUT)), WordTokenizer()
+        model, tokenizer = GPT2LMHeadModel(GPT2Config(**NO_DROPOUT)), SubwordTokenizer()
     else:
         model, tokenizer = load_pretrained(name)
     return model.to(device=device, dtype=torch.float32).eval(), tokenizer
@@ -262,33 +333,47 @@ def _hub_reachable(timeout=2.0):
     except OSError:
         return False
 
-# the tiny stand-in: a GPT2LMHeadModel small enough to train on 2 CPU cores in seconds
-TINY_CONFIG = dict(n_layer=2, n_embd=64, n_head=2, n_positions=32, bos_token_id=None, eos_token_id=None,
-                   **NO_DROPOUT)
+# The tiny stand-in (issue 11), fixed before any suppression result was seen, by what GPT-2-small
+# is (12 layers, d_model 768, 12 heads of 64, MLP ratio 4, GELU, pre-LayerNorm, learned positions,
+# tied embeddings) scaled to train in about a minute on one CPU core:
+#   n_layer 4     a few blocks, so that "an early MLP" and "a later MLP" are different places
+#                 (GPT-2's facts are editable in MLPs 0-5 of 12, A.3.2); 4 blocks are 16 matrices
+#                 to decompose, which still fits the 5-minute budget (8 blocks would not)
+#   n_embd 64     the tokens (~250) and facts (~230) are few; C = d_model as in the paper
+#   n_head 4      heads of 16 (GPT-2: d_model / 64 heads; one head of 64 would leave a single
+#                 attention pattern per layer to gather the name pieces)
+#   n_inner 256   MLP ratio 4, GELU, LayerNorm, learned positions, tied embeddings: GPT-2's own
+#                 (GPT2Config's defaults)
+TINY_CONFIG = dict(n_layer=4, n_embd=64, n_head=4, n_inner=256, n_positions=32, bos_token_id=None,
+                   eos_token_id=None, **NO_DROPOUT)
 
 def load_tiny(path=TINY_PATH):
-    """Load the cached tiny model, or train it (and cache it) if the cache is absent or stale."""
-    tokenizer = WordTokenizer()
+    """Load the cached tiny model, or train it (and cache it) if the cache is absent or stale:
+    made with another tokenizer, other sentences or another architecture."""
+    tokenizer = SubwordTokenizer()
+    made_of = {"tokens": tokenizer.tokens, "sentences": ALL_SENTENCES, "config": TINY_CONFIG}
     if os.path.exists(path):
         ckpt = spd.read_file(path, "tiny model cache", "delete it, and the tiny model is retrained",
-                             keys=("model", "words", "config"))
-        if ckpt["words"] == tokenizer.words and ckpt["config"] == TINY_CONFIG:
+                             keys=("model", "config"))
+        if all(ckpt.get(k) == v for k, v in made_of.items()):
             model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), **TINY_CONFIG))
             model.load_state_dict(ckpt["model"])
             return model, tokenizer
-        print(f"{path} was trained on other data or config, retraining")
+        print(f"{path} was trained with another tokenizer, data or config, retraining")
     model = train_tiny(tokenizer)
-    spd.atomic_save({"model": model.state_dict(), "words": tokenizer.words, "config": TINY_CONFIG}, path)
+    spd.atomic_save({"model": model.state_dict(), **made_of}, path)
     return model, tokenizer
 
-def train_tiny(tokenizer, lr=3e-3, max_steps=3000, eval_interval=50, seed=0):
+def train_tiny(tokenizer, lr=3e-3, max_steps=4000, eval_interval=50, seed=0):
     """Full-batch next-token LM loss on every token of ALL_SENTENCES, AdamW, until the argmax
-    prediction of every sentence's final word is right."""
+    prediction of every sentence's final word is right and the reversed prompt completes
+    greedily with " Tiger Woods"."""
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), **TINY_CONFIG))
     print(f"training tiny GPT-2: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{TINY_CONFIG['n_layer']} layers, d_model {TINY_CONFIG['n_embd']}, {len(tokenizer)} tokens, "
           f"{len(ALL_SENTENCES)} sentences, {torch.get_num_threads()} thread(s)")
-    input_ids, valid = make_batch(tokenizer, ALL_SENTENCES)  # (B, S)
+    input_ids, valid = _pad([tokenizer.encode(s) for s in ALL_SENTENCES])  # (B, S) whole sentences
     targets = input_ids[:, 1:].masked_fill(~valid[:, 1:], -100)  # (B, S-1) next tokens, pads ignored
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     t0 = time.time()
@@ -300,11 +385,15 @@ def train_tiny(tokenizer, lr=3e-3, max_steps=3000, eval_interval=50, seed=0):
         loss.backward()
         optimizer.step()
         if step % eval_interval == 0:
-            correct = predicts_final_word(model.eval(), tokenizer, ALL_SENTENCES)
+            model.eval()
+            correct = predicts_final_word(model, tokenizer, ALL_SENTENCES)
+            reversed_ok = greedy_completion(model, tokenizer, REVERSED_PROMPT, REVERSED_TARGET) \
+                == " " + REVERSED_TARGET
             print(f"step {step:5d} | loss {loss.item():.4f} | final word right "
-                  f"{int(correct.sum())}/{len(correct)} | {time.time() - t0:.1f}s")
-            if correct.all():
-                return model.eval()
+                  f"{int(correct.sum())}/{len(correct)} | reversed {'right' if reversed_ok else 'wrong'} "
+                  f"| {time.time() - t0:.1f}s")
+            if correct.all() and reversed_ok:
+                return model
     raise RuntimeError(f"tiny model did not learn every fact in {max_steps} steps")
 
 # -----------------------------------------------------------------------------
@@ -336,6 +425,36 @@ def final_word_probs(model, tokenizer, sentences):
     target_ids = torch.tensor([tokenizer.encode(" " + w)[0] for w in words])
     probs = last_logits(model, tokenizer, list(prompts)).softmax(-1).cpu()   # (N, vocab)
     return probs[torch.arange(len(sentences)), target_ids]
+
+@torch.no_grad()
+def greedy_completion(model, tokenizer, prompt, answer):
+    """The model's greedy continuation of prompt, as many tokens long as " " + answer."""
+    ids, n = tokenizer.encode(prompt), len(tokenizer.encode(prompt))
+    device = next(model.parameters()).device
+    for _ in tokenizer.encode(" " + answer):
+        ids.append(int(model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].argmax()))
+    return tokenizer.decode(ids[n:])
+
+@torch.no_grad()
+def name_zeroed_probs(model, tokenizer, module, facts):
+    """P(final word) of athlete facts ("First Last ..."), with `module`'s output (a block's attention
+    or MLP) set to 0 at the name tokens only, every other position untouched. A forward hook, used
+    only for this diagnostic (the method itself never hooks)."""
+    prompts = [f.rsplit(" ", 1)[0] for f in facts]
+    rows = [[0.0] * len(tokenizer.encode(" ".join(p.split()[:2])))
+            + [1.0] * (len(tokenizer.encode(p)) - len(tokenizer.encode(" ".join(p.split()[:2]))))
+            for p in prompts]
+    keep = _pad(rows)[0].float().to(next(model.parameters()).device)      # (B, S) 0 at the names
+
+    def zero_names(mod, inputs, out):                # attention returns (output, weights)
+        if isinstance(out, tuple):
+            return (out[0] * keep[..., None],) + out[1:]
+        return out * keep[..., None]
+    handle = module.register_forward_hook(zero_names)
+    try:
+        return final_word_probs(model, tokenizer, facts)
+    finally:
+        handle.remove()
 
 def token_strings(tokenizer, ids):
     """Each id decoded on its own ("K", "obe", " Bryant" for GPT-2's BPE)."""
@@ -379,11 +498,12 @@ PRESETS = {
                                                         # only on Ctrl-C unless asked for
 }
 # the same losses, betas and schedule at the tiny model's size: C = d_model (as the paper's
-# C = 768 = GPT-2's d_model), D_gate = C/4, 6000 steps (~45 steps/s on one core: the CI MLPs
-# cost ~ tokens x C x D_gate x d_in), one thread (tiny tensors: a second thread only adds
-# overhead, and on a busy machine it slows the run many-fold); the whole script takes ~2.5 min
-PRESETS["tiny"] = {**PRESETS["paper"], "C": TINY_CONFIG["n_embd"], "d_gate": 16, "steps": 6000,
-                   "log_every": 500, "threads": 1}
+# C = 768 = GPT-2's d_model), D_gate = C/4, one thread (tiny tensors: a second thread only adds
+# overhead, and on a busy machine it slows the run many-fold). 16 matrices run at ~12 steps/s on
+# one core (per-op overhead: every loss term is a forward through 16 decomposed layers), so
+# 2500 steps (~3.5 min) is what the 5-minute budget leaves after training the target (~40 s)
+PRESETS["tiny"] = {**PRESETS["paper"], "C": TINY_CONFIG["n_embd"], "d_gate": 16, "steps": 2500,
+                   "log_every": 250, "threads": 1}
 
 RULES = {**spd.CONFIG_RULES,  # the allowed values of FactsConfig's own fields
          "model": (lambda v: v != "", "gpt2, a hub id, a local folder, tiny or gpt2-random"),
@@ -440,36 +560,45 @@ def athlete_probs(model, tokenizer):
     return last_token_probs(model, tokenizer, prompts, SPORTS).cpu().tolist()
 
 def fact_set_effect(before, after, target):
-    """Figure 3 numbers for one edit: P(final word) of the target fact vs the other 101 facts
-    (the other athlete fact + FACTS). before/after: (2 + len(FACTS),) tensors, ATHLETE_FACTS first.
-    "selective": the target's P at least halves while the other facts move on average by at most
-    a tenth of the target's drop (our criterion; the paper shows the plot)."""
-    others = [i for i in range(len(before)) if i != target]
+    """Figure 3 numbers for one edit: P(final word) of the target fact vs the other athlete fact
+    and FACTS. before/after: (2 + len(FACTS) + k,) tensors, ATHLETE_FACTS first, FACTS next, then
+    k more athlete facts (the tiny model's other athletes; k = 0 for GPT-2).
+    "selective" is issue 11's reading of the paper's claim: the target's P falls at least 5x while
+    the other athlete's P and the FACTS mean each move by at most 0.05."""
+    n = 2 + len(FACTS)
+    others = [i for i in range(n) if i != target]
     drop = before - after
-    t_drop, o_drop = drop[target].item(), drop[others]
-    return {"target": ATHLETE_FACTS[target], "target_before": before[target].item(),
-            "target_after": after[target].item(),
-            "other_athlete_before": before[1 - target].item(),
-            "other_athlete_after": after[1 - target].item(),
-            "facts_before": before[2:].tolist(), "facts_after": after[2:].tolist(),
-            "facts_mean_before": before[2:].mean().item(), "facts_mean_after": after[2:].mean().item(),
-            "others_mean_abs_change": o_drop.abs().mean().item(),
-            "others_max_drop": o_drop.max().item(),
-            "others_max_drop_fact": (ATHLETE_FACTS + FACTS)[others[int(o_drop.argmax())]],
-            "selective": bool(after[target] <= 0.5 * before[target]
-                              and o_drop.abs().mean().item() <= 0.1 * t_drop)}
+    o_drop = drop[others]
+    e = {"target": ATHLETE_FACTS[target], "target_before": before[target].item(),
+         "target_after": after[target].item(),
+         "other_athlete_before": before[1 - target].item(),
+         "other_athlete_after": after[1 - target].item(),
+         "facts_before": before[2:n].tolist(), "facts_after": after[2:n].tolist(),
+         "facts_mean_before": before[2:n].mean().item(), "facts_mean_after": after[2:n].mean().item(),
+         "others_mean_abs_change": o_drop.abs().mean().item(),
+         "others_max_drop": o_drop.max().item(),
+         "others_max_drop_fact": (ATHLETE_FACTS + FACTS)[others[int(o_drop.argmax())]]}
+    if len(before) > n:
+        e["more_athletes_mean_before"] = before[n:].mean().item()
+        e["more_athletes_mean_after"] = after[n:].mean().item()
+    e["selective"] = bool(e["target_after"] <= e["target_before"] / 5
+                          and abs(e["other_athlete_after"] - e["other_athlete_before"]) <= 0.05
+                          and abs(e["facts_mean_after"] - e["facts_mean_before"]) <= 0.05)
+    return e
 
 @torch.no_grad()
 def zero_mlp_probs(model, tokenizer):
-    """Figure 9: P(basketball) on the Kobe prompt with block i's MLP zeroed (c_fc and c_proj
-    weights and biases = 0, so the MLP adds exactly 0 to the residual stream), i = 0..L-1."""
-    prompt = ATHLETE_FACTS[0].rsplit(" ", 1)[0]
+    """Figure 9 (A.3.2): [[P(basketball | Kobe prompt), P(golf | Tiger prompt)] with block i's MLP
+    zeroed (c_fc and c_proj weights and biases = 0, so the MLP adds exactly 0 to the residual
+    stream), i = 0..L-1], and the mean P(final word) over FACTS with it zeroed (how much of the
+    model in general that MLP is: GPT-2's MLP 0 is most of it, A.3.2)."""
     out = []
     for i in range(len(model.transformer.h)):
         m = copy.deepcopy(model)
         for p in m.transformer.h[i].mlp.parameters():
             p.zero_()
-        out.append(last_token_probs(m, tokenizer, [prompt], SPORTS[:1]).item())
+        P = athlete_probs(m, tokenizer)
+        out.append({"P(sport)": [P[0][0], P[1][1]], "facts_mean": final_word_probs(m, tokenizer, FACTS).mean().item()})
         del m
     return out
 
@@ -508,6 +637,8 @@ def run(cfg):
     res["tokens"] = tokens
     res["target_check"] = {"P(basketball)": [p[0] for p in P0], "P(golf)": [p[1] for p in P0],
                            "argmax": [tokenizer.decode([int(t)]) for t in top], "correct": correct}
+
+    res["zero_mlp"] = report_zero_mlp(model, tokenizer)    # Figure 9, before any SPD
 
     # 2) the decomposition (Algorithm 3, A.3.1): batch = both facts, loss on every valid token
     edit_layers = spd.match_modules(model, cfg.edit_patterns)
@@ -558,10 +689,13 @@ def run(cfg):
     edits = {SPORTS[b]: merge(chosen[b]["first"], chosen[b]["last"]) for b in range(2)}
     edited = {sport: suppress(model, s, ch) for sport, ch in edits.items()}
     res["suppression"] = report_suppression(model, edited, edits, tokenizer, P0)
-    res["fact_set"] = report_fact_set(model, edited, tokenizer)
+    res["fact_set"] = report_fact_set(model, edited, tokenizer,
+                                      TINY_ATHLETE_FACTS[2:] if cfg.model == "tiny" else ())
     res["names"] = report_names(model, s, chosen, labels, tokenizer)
     res["reversed"] = report_reversed(model, edited["golf"], tokenizer)
-    res["zero_mlp"] = report_zero_mlp(model, tokenizer, P0[0][0])
+    res["claim"] = report_claim(res)
+    res["where"] = report_where(model, s, on, tokenizer, edit_layers,
+                                TINY_ATHLETE_FACTS[2:] if cfg.model == "tiny" else ())
 
     res["wall_seconds"] = time.time() - t_start
     spd.atomic_save_json(res, os.path.join(cfg.out_dir, "results.json"))
@@ -610,8 +744,8 @@ def report_active(on, tokens, threshold):
 
 def report_unique(on, edit_layers, tokenizer, tokens):
     """Analysis 1b: the edit-layer subcomponents unique to each athlete at its name tokens: the
-    first name's last token ("obe" of "K|obe" in GPT-2's BPE; "Kobe" itself word-level) and the
-    last name's last token ("Bryant", "Woods")."""
+    first name's last token ("obe" of "K|obe", in GPT-2's BPE and the tiny tokenizer) and the
+    last name's last token (GPT-2: " Bryant", " Woods"; tiny: "ant", "ods" of " Bry|ant", " Wo|ods")."""
     out, chosen, labels = {}, [], []
     print(f"\n(1b) subcomponents of {', '.join(short(n) for n in edit_layers)} active at a name "
           f"token and nowhere in the other example")
@@ -623,9 +757,6 @@ def report_unique(on, edit_layers, tokenizer, tokens):
         for k in pos:
             found = "  ".join(f"{short(n)} {cs}" for n, cs in ch[k].items() if cs) or "none found"
             print(f"{first + ' ' + last:12s} token {lab[k]!r:9} (position {pos[k]}): {found}")
-        if lab["first"] != "obe" and b == 0:
-            print(f"  (the paper's token 'obe' is the end of GPT-2's 'K|obe'; this tokenizer makes "
-                  f"{first!r} one token {lab['first']!r}, used in its place)")
         out[f"{first} {last}"] = {lab[k]: {"position": pos[k], "kind": k, "unique": ch[k]} for k in pos}
         chosen.append(ch)
         labels.append(lab)
@@ -647,25 +778,28 @@ def report_suppression(model, edited, edits, tokenizer, P0):
         out[sport] = {"chosen": edits[sport], "n_directions": k, "after": P}
     return out
 
-def report_fact_set(model, edited, tokenizer):
-    """Analysis 3 (Figure 3): each edit on its target fact vs the other athlete and FACTS."""
-    sentences = ATHLETE_FACTS + FACTS
+def report_fact_set(model, edited, tokenizer, more=()):
+    """Analysis 3 (Figure 3): each edit on its target fact vs the other athlete and FACTS (and
+    `more` athlete facts: the tiny model's other athletes, who share the name pieces)."""
+    sentences = ATHLETE_FACTS + FACTS + list(more)
     before = final_word_probs(model, tokenizer, sentences)
     out = {}
-    print(f"\n(3) Figure 3: P(final word) before -> after, target fact vs the other "
-          f"{len(sentences) - 1} facts")
+    print(f"\n(3) Figure 3: P(final word) before -> after, target fact vs the other athlete and the "
+          f"{len(FACTS)} facts" + (f" (and the {len(more)} other athletes of the training set)" if more else ""))
     print(f"{'edit':12s} | {'target':15s} | {'other athlete':15s} | {'FACTS mean':15s} | "
-          f"mean |change| others | largest drop among others | selective")
+          + (f"{'more athletes':15s} | " if more else "")
+          + "largest drop among the 101 others | selective")
     for b, (sport, m) in enumerate(edited.items()):
         e = fact_set_effect(before, final_word_probs(m, tokenizer, sentences), b)
         out[sport] = e
         print(f"{'-' + sport:12s} | {e['target_before']:.4f} -> {e['target_after']:.4f} | "
               f"{e['other_athlete_before']:.4f} -> {e['other_athlete_after']:.4f} | "
               f"{e['facts_mean_before']:.4f} -> {e['facts_mean_after']:.4f} | "
-              f"{e['others_mean_abs_change']:20.4f} | {e['others_max_drop']:.4f} "
-              f"({e['others_max_drop_fact'][:30]!r}) | {'yes' if e['selective'] else 'no'}")
-    print("selective = target P at least halved, and the other facts' mean |change| at most "
-          "a tenth of the target's drop")
+              + (f"{e['more_athletes_mean_before']:.4f} -> {e['more_athletes_mean_after']:.4f} | " if more else "")
+              + f"{e['others_max_drop']:.4f} ({e['others_max_drop_fact'][:30]!r}) | "
+              f"{'yes' if e['selective'] else 'no'}")
+    print("selective = the target's P falls at least 5x, the other athlete's P and the FACTS mean "
+          "each move by at most 0.05")
     return out
 
 def report_names(model, s, chosen, labels, tokenizer):
@@ -689,26 +823,96 @@ def report_names(model, s, chosen, labels, tokenizer):
     return out
 
 def report_reversed(model, edited_golf, tokenizer):
-    """Analysis 5: "The most famous athlete in golf is" -> " Tiger", before and after the golf edit."""
-    target_id = tokenizer.encode(" " + REVERSED_TARGET)[0]
-    out = {"prompt": REVERSED_PROMPT}
+    """Analysis 5 (Sec. 6.2): "The most famous athlete in golf is" -> " Tiger Woods", before and
+    after the golf edit: P(" Tiger Woods") (the product over its tokens) and the greedy completion."""
+    ids = tokenizer.encode(REVERSED_PROMPT + " " + REVERSED_TARGET)
+    n = len(tokenizer.encode(REVERSED_PROMPT))
+    out = {"prompt": REVERSED_PROMPT, "target": REVERSED_TARGET}
     for k, m in (("before", model), ("after", edited_golf)):
-        p = last_logits(m, tokenizer, [REVERSED_PROMPT]).softmax(-1)[0]
-        out[k] = p[target_id].item()
-        out[f"argmax_{k}"] = tokenizer.decode([int(p.argmax())])
-    out["still_tiger"] = bool(out["argmax_after"].strip() == REVERSED_TARGET)
+        with torch.no_grad():
+            logp = m(input_ids=torch.tensor([ids], device=next(m.parameters()).device)).logits[0].log_softmax(-1)
+        out[k] = logp[n - 1:-1].gather(-1, torch.tensor(ids[n:], device=logp.device)[:, None]).sum().exp().item()
+        out[f"greedy_{k}"] = greedy_completion(m, tokenizer, REVERSED_PROMPT, REVERSED_TARGET)
+    out["still_answers"] = out["greedy_after"] == " " + REVERSED_TARGET
     print(f"\n(5) reversed prompt '{REVERSED_PROMPT}': P({REVERSED_TARGET}) {out['before']:.4f} -> "
-          f"{out['after']:.4f} after the golf edit; argmax {out['argmax_before']!r} -> "
-          f"{out['argmax_after']!r} (completes with {REVERSED_TARGET} after the edit: "
-          f"{'yes' if out['still_tiger'] else 'no'})")
+          f"{out['after']:.4f} after the golf edit; greedy {out['greedy_before']!r} -> "
+          f"{out['greedy_after']!r} (still answers {REVERSED_TARGET}: "
+          f"{'yes' if out['still_answers'] else 'no'})")
     return out
 
-def report_zero_mlp(model, tokenizer, full):
-    """Analysis 6 (Figure 9)."""
-    probs = zero_mlp_probs(model, tokenizer)
-    print(f"\n(6) Figure 9: P(basketball) on the Kobe prompt with one MLP zeroed (full model {full:.4f})")
-    print(" ".join(f"L{i}: {p:.4f}" for i, p in enumerate(probs)))
-    return {"full": full, "layers": probs}
+def report_zero_mlp(model, tokenizer):
+    """Analysis 0 (Figure 9), before any SPD: where the model needs an MLP for the two facts."""
+    rows = zero_mlp_probs(model, tokenizer)
+    P = athlete_probs(model, tokenizer)
+    full = {"P(sport)": [P[0][0], P[1][1]], "facts_mean": final_word_probs(model, tokenizer, FACTS).mean().item()}
+    print(f"\n(0) Figure 9: one MLP zeroed at a time | Kobe: P(basketball) | Tiger: P(golf) | FACTS mean")
+    for name, r in [("none", full)] + [(f"MLP {i}", r) for i, r in enumerate(rows)]:
+        print(f"{name:38s} | {r['P(sport)'][0]:17.4f} | {r['P(sport)'][1]:13.4f} | {r['facts_mean']:.4f}")
+    return {"full": full, "layers": rows}
+
+def report_where(model, s, on, tokenizer, edit_layers, more=()):
+    """Analysis 7: where the two facts are, to read Analysis 6 by. (a) each block's attention / MLP
+    output zeroed at the name tokens only (is the fact assembled there?); (b) the (1b) search in
+    every decomposed matrix in turn, and in all at once (do the unique subcomponents of some layer
+    carry it?); (c) every edit-layer subcomponent active at any name token, unique or not (does the
+    edit layer carry it in directions the two examples share?)."""
+    out, prompts = {}, [f.rsplit(" ", 1)[0] for f in ATHLETE_FACTS]
+    print(f"\n(7) where the facts are\n(7a) one block's attention or MLP output zeroed at the name "
+          f"tokens only | Kobe: P(basketball) | Tiger: P(golf)" + (" | other athletes' mean" if more else ""))
+    rows = {"none": None} | {f"h.{i}.{part}": getattr(blk, part) for i, blk in enumerate(model.transformer.h)
+                             for part in ("attn", "mlp")}
+    out["zeroed_at_names"] = {}
+    for name, module in rows.items():
+        P = (final_word_probs(model, tokenizer, ATHLETE_FACTS + list(more)) if module is None
+             else name_zeroed_probs(model, tokenizer, module, ATHLETE_FACTS + list(more)))
+        out["zeroed_at_names"][name] = r = {"P(sport)": P[:2].tolist(),
+                                            "more_athletes_mean": P[2:].mean().item() if more else None}
+        print(f"{name:10s} | {r['P(sport)'][0]:.4f} | {r['P(sport)'][1]:.4f}"
+              + (f" | {r['more_athletes_mean']:.4f}" if more else ""))
+
+    def effect(b, chosen):             # P(own sport), P(the other's) and the FACTS mean after an edit
+        edited = suppress(model, s, chosen)
+        P = athlete_probs(edited, tokenizer)
+        return {"n": sum(map(len, chosen.values())), "own": P[b][b], "other": P[1 - b][1 - b],
+                "facts_mean": final_word_probs(edited, tokenizer, FACTS).mean().item()}
+    pos = [[len(tokenizer.encode(first)) - 1, len(tokenizer.encode(f"{first} {last}")) - 1]
+           for first, last in ATHLETES]
+    print("(7b) suppressing the subcomponents unique at the name tokens, as (1b), one matrix at a "
+          "time | Kobe edit: n, P(basketball), Tiger's P(golf), FACTS mean | Tiger edit: n, P(golf), "
+          "Kobe's P(basketball), FACTS mean")
+    out["unique_per_matrix"] = {}
+    for name in list(on) + ["all"]:
+        layers = list(on) if name == "all" else [name]
+        e = [effect(b, merge(*(unique_at(on, layers, b, p) for p in pos[b]))) for b in range(2)]
+        out["unique_per_matrix"][name] = e
+        print(f"{short(name):16s} | " + " | ".join(f"{x['n']:3d} {x['own']:.4f} {x['other']:.4f} "
+                                                   f"{x['facts_mean']:.4f}" for x in e))
+    print(f"(7c) every {', '.join(short(n) for n in edit_layers)} subcomponent active at any name "
+          f"token, unique or not | n, P(own sport), the other's P(sport), FACTS mean")
+    out["all_active_at_names"] = []
+    for b, (first, last) in enumerate(ATHLETES):
+        n_name = len(tokenizer.encode(f"{first} {last}"))
+        chosen = {n: on[n][b, :n_name].any(0).nonzero().flatten().tolist() for n in edit_layers}
+        out["all_active_at_names"].append(e := effect(b, chosen))
+        print(f"{first + ' ' + last:16s} | {e['n']:3d} {e['own']:.4f} {e['other']:.4f} {e['facts_mean']:.4f}")
+    return out
+
+def report_claim(res):
+    """Analysis 6: issue 11's test of the paper's claim: each edit selective (Analysis 3) and the
+    reversed prompt still answered after the golf edit (Analysis 5)."""
+    fs, rev = res["fact_set"], res["reversed"]
+    holds = {sport: e["selective"] for sport, e in fs.items()}
+    holds["reversed"] = rev["still_answers"]
+    print(f"\n(6) the paper's claim (edit layer {res['config']['edit_patterns']}): "
+          + ", ".join(f"{k} {'holds' if v else 'fails'}" for k, v in holds.items())
+          + "; target P falls " + ", ".join(f"{e['target_before'] / max(e['target_after'], 1e-12):.1f}x"
+                                           for e in fs.values())
+          + f" (needs >= 5x); other athlete moves "
+          + ", ".join(f"{e['other_athlete_after'] - e['other_athlete_before']:+.4f}" for e in fs.values())
+          + "; FACTS mean moves "
+          + ", ".join(f"{e['facts_mean_after'] - e['facts_mean_before']:+.4f}" for e in fs.values())
+          + " (each needs |.| <= 0.05)")
+    return {"holds": all(holds.values()), **holds}
 
 def save_figures(res, out_dir):
     """Figures 3, 4 and 9 as PNGs, only if matplotlib is importable. Returns the paths written."""
@@ -740,12 +944,15 @@ def save_figures(res, out_dir):
     paths.append(_savefig(fig, out_dir, "figure4.png"))
     fig, ax = plt.subplots(figsize=(6, 4))                            # Figure 9
     z = res["zero_mlp"]
-    ax.bar(range(len(z["layers"])), z["layers"])
-    ax.set_xticks(range(len(z["layers"])))
-    ax.axhline(z["full"], linestyle="--", color="k", label="full model")
+    L = range(len(z["layers"]))
+    for b, sport in enumerate(SPORTS):
+        ax.bar([i + 0.4 * b - 0.2 for i in L], [r["P(sport)"][b] for r in z["layers"]], 0.4,
+               label=f"P({sport})")
+        ax.axhline(z["full"]["P(sport)"][b], linestyle="--", color=f"C{b}")
+    ax.set_xticks(list(L))
     ax.legend()
     ax.set_xlabel("MLP layer zeroed")
-    ax.set_ylabel("P(basketball)")
+    ax.set_ylabel("P(sport); dashed: full model")
     paths.append(_savefig(fig, out_dir, "figure9.png"))
     return paths
 

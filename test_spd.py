@@ -1,7 +1,9 @@
 """Tests for spd.py: each numeric check against an independent reference (hand-made tensors,
 dense re-computation, loops). Run: python -m pytest -q"""
+import collections
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -536,11 +538,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def test_tiny_end_to_end_outputs(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # a smaller target than the 4-layer d_model 64 one (that trains in ~40 s): the same data and
+    # tokenizer, 2 layers of width 32 at lr 1e-2, ~8 s; the cache records the config it was made with
+    small = {**gpt2_facts.TINY_CONFIG, "n_layer": 2, "n_embd": 32, "n_head": 2, "n_inner": 128}
+    monkeypatch.setattr(gpt2_facts, "TINY_CONFIG", small)
+    monkeypatch.setattr(gpt2_facts, "train_tiny", functools.partial(gpt2_facts.train_tiny, lr=1e-2))
     out_dir, tiny_path = tmp_path / "out", tmp_path / "cache" / "tiny.pt"
     res = gpt2_facts.main(["--model=tiny", "--steps=20", "--log_every=10", "--threads=1", "--device=cpu",
                            f"--out_dir={out_dir}", f"--tiny_path={tiny_path}"])
     printed = capsys.readouterr().out
-    for k in range(1, 7):                                       # all six analyses, and 1b
+    for k in range(0, 7):                                       # analyses 0-6, and 1b
         assert f"\n({k}) " in printed, f"analysis ({k}) not printed"
     assert "\n(1b) " in printed
     assert tiny_path.exists() and (out_dir / "spd.pt").exists()
@@ -551,18 +558,20 @@ def test_tiny_end_to_end_outputs(tmp_path, monkeypatch, capsys):
     assert saved == json.loads(json.dumps(res))
     assert set(saved) == {"config", "model", "tokens", "target_check", "training", "active",
                           "unique_layer0_mlp", "suppression", "fact_set", "names", "reversed",
-                          "zero_mlp", "wall_seconds"}
+                          "zero_mlp", "claim", "where", "wall_seconds"}
     cfg = saved["config"]
     assert (cfg["model"], cfg["preset"], cfg["steps"], cfg["C"]) == ("tiny", "tiny", 20, 64)
     assert saved["model"]["name"] == "tiny" and saved["model"]["threads"] == 1
     n_layer = gpt2_facts.TINY_CONFIG["n_layer"]
     layers = [f"transformer.h.{i}.{m}" for i in range(n_layer)
               for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
-    tokens = saved["tokens"]                                    # word-level: one token per word
-    assert tokens == [f.split() for f in gpt2_facts.ATHLETE_FACTS]
+    tokens = saved["tokens"]                                    # sub-word: the names in pieces
+    tokenizer = gpt2_facts.SubwordTokenizer()
+    assert tokens == [tokenizer.tokenize(f) for f in gpt2_facts.ATHLETE_FACTS]
+    assert [t[:4] for t in tokens] == [["K", "obe", " Bry", "ant"], ["T", "iger", " Wo", "ods"]]
     tc = saved["target_check"]
     assert len(tc["P(basketball)"]) == len(tc["P(golf)"]) == 2 and tc["correct"] == [True, True]
-    assert tc["argmax"] == gpt2_facts.SPORTS
+    assert tc["argmax"] == [" " + s for s in gpt2_facts.SPORTS]
 
     # training: history at steps 0, 10 and the last, the file saved
     tr = saved["training"]
@@ -587,9 +596,10 @@ def test_tiny_end_to_end_outputs(tmp_path, monkeypatch, capsys):
     edit_layers = ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
     uniq = saved["unique_layer0_mlp"]
     assert list(uniq) == ["Kobe Bryant", "Tiger Woods"]
-    for (first, last), (athlete, u) in zip(gpt2_facts.ATHLETES, uniq.items()):
-        assert u[first]["kind"] == "first" and u[first]["position"] == 0
-        assert u[last]["kind"] == "last" and u[last]["position"] == 1
+    for (first_tok, last_tok), u in zip([("obe", "ant"), ("iger", "ods")], uniq.values()):
+        assert list(u) == [first_tok, last_tok]                 # each name's last piece
+        assert u[first_tok]["kind"] == "first" and u[first_tok]["position"] == 1
+        assert u[last_tok]["kind"] == "last" and u[last_tok]["position"] == 3
         for e in u.values():
             assert list(e["unique"]) == edit_layers
             assert all(0 <= c < 64 for cs in e["unique"].values() for c in cs)
@@ -600,15 +610,23 @@ def test_tiny_end_to_end_outputs(tmp_path, monkeypatch, capsys):
     assert sup["before"] == [[tc["P(basketball)"][b], tc["P(golf)"][b]] for b in range(2)]
     for b, sport in enumerate(gpt2_facts.SPORTS):
         first, last = gpt2_facts.ATHLETES[b]
-        u = uniq[f"{first} {last}"]
-        assert sup[sport]["chosen"] == gpt2_facts.merge(u[first]["unique"], u[last]["unique"])
+        u = list(uniq[f"{first} {last}"].values())
+        assert sup[sport]["chosen"] == gpt2_facts.merge(u[0]["unique"], u[1]["unique"])
         assert sup[sport]["n_directions"] == sum(map(len, sup[sport]["chosen"].values()))
         after = sup[sport]["after"]
         assert len(after) == 2 and all(len(r) == 2 and all(0 <= p <= 1 for p in r) for r in after)
 
-    # (3) the fact-set effect (Figure 3): 100 facts
+    # (3) the fact-set effect (Figure 3): 100 facts, and the tiny model's 126 other athletes
     assert set(saved["fact_set"]) == {"basketball", "golf"}
+    more = gpt2_facts.TINY_ATHLETE_FACTS[2:]
+    assert len(more) == 126
+    model, _ = gpt2_facts.load_model("tiny", "cpu", str(tiny_path))
+    P_more = gpt2_facts.final_word_probs(model, tokenizer, more)
     for b, (sport, e) in enumerate(saved["fact_set"].items()):
+        assert e["more_athletes_mean_before"] == pytest.approx(P_more.mean().item(), abs=1e-6)
+        assert e["selective"] == (e["target_after"] <= e["target_before"] / 5
+                                  and abs(e["other_athlete_after"] - e["other_athlete_before"]) <= 0.05
+                                  and abs(e["facts_mean_after"] - e["facts_mean_before"]) <= 0.05)
         assert e["target"] == gpt2_facts.ATHLETE_FACTS[b]
         assert len(e["facts_before"]) == len(e["facts_after"]) == 100
         assert e["facts_mean_before"] == pytest.approx(sum(e["facts_before"]) / 100)
@@ -625,7 +643,7 @@ def test_tiny_end_to_end_outputs(tmp_path, monkeypatch, capsys):
     assert list(names) == ["Kobe Bryant", "Tiger Woods"]
     for b, (athlete, n) in enumerate(names.items()):
         first, last = gpt2_facts.ATHLETES[b]
-        assert (n["sport"], n["first_token"], n["last_token"]) == (gpt2_facts.SPORTS[b], first, last)
+        assert (n["sport"], n["first_token"], n["last_token"]) == (gpt2_facts.SPORTS[b], *list(uniq[athlete]))
         for k in ("none", "first", "last", "both"):
             assert 0 <= n[k] <= 1
         assert n["none"] == pytest.approx(sup["before"][b][b])
@@ -636,15 +654,44 @@ def test_tiny_end_to_end_outputs(tmp_path, monkeypatch, capsys):
 
     # (5) the reversed prompt
     rev = saved["reversed"]
-    assert rev["prompt"] == gpt2_facts.REVERSED_PROMPT
+    assert (rev["prompt"], rev["target"]) == (gpt2_facts.REVERSED_PROMPT, "Tiger Woods")
     assert 0 <= rev["before"] <= 1 and 0 <= rev["after"] <= 1
-    assert rev["argmax_before"] == "Tiger"               # the tiny model learned it
-    assert rev["still_tiger"] == (rev["argmax_after"] == "Tiger")
+    assert rev["greedy_before"] == " Tiger Woods"        # the tiny model learned it
+    assert rev["still_answers"] == (rev["greedy_after"] == " Tiger Woods")
+    # P(" Tiger Woods") = P(" T") P("iger") P(" Wo") P("ods"), each from its own prompt
+    prompt, pieces = gpt2_facts.REVERSED_PROMPT, [" T", "iger", " Wo", "ods"]
+    steps = [gpt2_facts.last_logits(model, tokenizer, [prompt + "".join(pieces[:k])]).softmax(-1)[0]
+             for k in range(4)]
+    assert rev["before"] == pytest.approx(math.prod(p[tokenizer.ids[t]].item() for p, t in zip(steps, pieces)),
+                                          rel=1e-5)
 
-    # (6) one MLP zeroed at a time: one entry per layer
+    # (0) one MLP zeroed at a time (Figure 9), before SPD: one entry per layer; (6) the verdict
     z = saved["zero_mlp"]
-    assert z["full"] == sup["before"][0][0] and len(z["layers"]) == n_layer
-    assert all(0 <= p <= 1 for p in z["layers"])
+    assert z["full"]["P(sport)"] == [sup["before"][0][0], sup["before"][1][1]] and len(z["layers"]) == n_layer
+    assert all(0 <= p <= 1 for r in z["layers"] for p in r["P(sport)"] + [r["facts_mean"]])
+    assert printed.index("\n(0) ") < printed.index("preset tiny")       # before the decomposition
+    claim = saved["claim"]
+    assert claim == {"holds": claim["basketball"] and claim["golf"] and claim["reversed"],
+                     "basketball": saved["fact_set"]["basketball"]["selective"],
+                     "golf": saved["fact_set"]["golf"]["selective"], "reversed": rev["still_answers"]}
+
+    # (7) where the facts are: (a) zeroing at the name tokens, (b) (1b) in each matrix, (c) all active
+    where = saved["where"]
+    za = where["zeroed_at_names"]
+    assert list(za) == ["none"] + [f"h.{i}.{p}" for i in range(n_layer) for p in ("attn", "mlp")]
+    assert za["none"]["P(sport)"] == pytest.approx([sup["before"][0][0], sup["before"][1][1]], abs=1e-6)
+    assert za["none"]["more_athletes_mean"] == pytest.approx(P_more.mean().item(), abs=1e-6)
+    last = f"h.{n_layer - 1}"                 # the last block's output at the names reaches no prediction
+    assert za[f"{last}.mlp"]["P(sport)"] == pytest.approx(za["none"]["P(sport)"], abs=1e-6)
+    assert za[f"{last}.attn"]["P(sport)"] == pytest.approx(za["none"]["P(sport)"], abs=1e-6)
+    up = where["unique_per_matrix"]
+    assert list(up) == layers + ["all"]
+    for b, sport in enumerate(gpt2_facts.SPORTS):
+        assert up["all"][b]["n"] == sum(up[n][b]["n"] for n in layers)
+        assert sum(up[n][b]["n"] for n in edit_layers) == sup[sport]["n_directions"]
+        assert up["transformer.h.0.mlp.c_fc"][b]["n"] == len(sup[sport]["chosen"].get("transformer.h.0.mlp.c_fc", []))
+        e = where["all_active_at_names"][b]           # a superset of the (1b) directions
+        assert e["n"] >= sup[sport]["n_directions"] and 0 <= e["facts_mean"] <= 1
 
     # the saved decomposition reloads on the cached target and reproduces the results
     model, tokenizer = gpt2_facts.load_model("tiny", "cpu", str(tiny_path))
@@ -662,6 +709,63 @@ def test_tiny_end_to_end_outputs(tmp_path, monkeypatch, capsys):
     for sport in gpt2_facts.SPORTS:
         P = gpt2_facts.athlete_probs(gpt2_facts.suppress(model, s, sup[sport]["chosen"]), tokenizer)
         assert sum(P, []) == pytest.approx(sum(sup[sport]["after"], []), abs=1e-6)
+
+
+def test_tiny_tokenizer_splits_names_into_shared_pieces():
+    tok = gpt2_facts.SubwordTokenizer()
+    # GPT-2-like pre-split (leading spaces on the words), frequent words whole, names in pieces
+    assert tok.tokenize("Kobe Bryant plays the sport of basketball") == \
+        ["K", "obe", " Bry", "ant", " plays", " the", " sport", " of", " basketball"]
+    assert tok.tokenize(" is Tiger Woods") == [" is", " T", "iger", " Wo", "ods"]
+    # every athlete name is exactly its four pieces, and no name is a token of its own
+    pieces = {}
+    for (f1, f2), (l1, l2), sport in gpt2_facts.TINY_ATHLETES:
+        name = f1 + f2 + l1 + l2
+        assert tok.tokenize(name) == [f1, f2, l1, l2]
+        assert name.split()[0] not in tok.ids and " " + name.split()[1] not in tok.ids
+        for p in (f1, f2, l1, l2):
+            pieces.setdefault(p, set()).add(sport)
+    # each piece of Kobe Bryant and Tiger Woods is shared with athletes of at least 3 other sports
+    for p in ["K", "obe", " Bry", "ant", "T", "iger", " Wo", "ods"]:
+        assert len(pieces[p]) >= 4, (p, pieces[p])
+    names = [f1 + f2 + l1 + l2 for (f1, f2), (l1, l2), _ in gpt2_facts.TINY_ATHLETES]
+    assert len(set(names)) == len(names) == 128
+    assert sorted(collections.Counter(s for *_, s in gpt2_facts.TINY_ATHLETES).values()) == [16] * 8
+    # round trip: every training sentence, and unseen words spelled from the corpus' characters
+    for s in gpt2_facts.ALL_SENTENCES + ["Kobe Woods plays golf", "  Zebra  x", "The Wo"]:
+        assert tok.decode(tok.encode(s)) == s
+    assert tok.tokenize("Zebra") == list("Zebra")                  # unknown word: characters
+    assert all(0 < i < len(tok) for s in gpt2_facts.ALL_SENTENCES for i in tok.encode(s))
+    with pytest.raises(ValueError, match="not in the tiny tokenizer's vocabulary"):
+        tok.encode("Kobe \u00e9")
+
+
+def test_tiny_cache_is_retrained_when_tokenizer_data_or_config_change(tmp_path, monkeypatch, capsys):
+    trained = []
+
+    def fake_training(tokenizer):                      # an untrained model of the right shape, fast
+        trained.append(1)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), **gpt2_facts.TINY_CONFIG))
+    monkeypatch.setattr(gpt2_facts, "train_tiny", fake_training)
+    path = str(tmp_path / "tiny.pt")
+    gpt2_facts.load_tiny(path)
+    gpt2_facts.load_tiny(path)
+    assert len(trained) == 1                           # made once, then read from the cache
+    ckpt = torch.load(path)
+    assert (ckpt["tokens"], ckpt["sentences"], ckpt["config"]) == \
+        (gpt2_facts.SubwordTokenizer().tokens, gpt2_facts.ALL_SENTENCES, gpt2_facts.TINY_CONFIG)
+    changes = {"tokens": ckpt["tokens"][:-1], "sentences": ckpt["sentences"][1:],
+               "config": {**ckpt["config"], "n_layer": 2}}
+    for key, value in changes.items():
+        stale = dict(torch.load(path), **{key: value})
+        torch.save(stale, path)
+        gpt2_facts.load_tiny(path)
+        assert "retraining" in capsys.readouterr().out, key
+    old = {k: v for k, v in torch.load(path).items() if k != "tokens"} | {"words": ["<pad>"]}
+    torch.save(old, path)                              # a cache from the word-level tokenizer
+    gpt2_facts.load_tiny(path)
+    assert len(trained) == 1 + len(changes) + 1
+    assert torch.load(path)["tokens"] == gpt2_facts.SubwordTokenizer().tokens
 
 
 def test_suppression_on_conv1d_matches_dense_formula():

@@ -312,6 +312,9 @@ MATRICES = {"Q0": "blocks.0.attn.q_proj", "K0": "blocks.0.attn.k_proj", "V0": "b
 OUT_PROJ = {"O0": "blocks.0.attn.out_proj", "O1": "blocks.1.attn.out_proj"}
 
 
+FINAL_ONLY = {"final_only": True}  # InductionTransformer's logits of the final position only
+
+
 def decomposed_matrices(out_proj):
     """{short name: module name} of the matrices to decompose: Q, K, V (+ the output projections)."""
     return {**MATRICES, **(OUT_PROJ if out_proj else {})}
@@ -627,8 +630,8 @@ def table2(target, cfg, lengths=(16, 64, 1024, 10240), repeats=5, log=print):
             if gb > cfg.max_memory_gb:
                 rows[label].append(f"needs ~{gb:.0f} GB")
                 continue
-            s = spd.SPDModel(model, names, C=bench.C, ci=ci, d_gate=bench.d_gate,
-                             max_seq_len=S, causal=bench.ci_causal).to(device)
+            s = spd.SPDModel(model, names, C=bench.C, ci=ci, d_gate=bench.d_gate, max_seq_len=S,
+                             causal=bench.ci_causal, final_only_kwargs=FINAL_ONLY).to(device)
             for layer in s.layers.values():
                 layer.ci.flex = flex if ci == "attention" else None
             opt = spd.make_optimizer(s, bench)
@@ -686,7 +689,8 @@ def bench(target, against="", steps=20, log=print):
             cfg = module.Config(C=100, d_gate=16, ci=ci, n_mask_samples=1, batch_size=64,
                                 beta_layerwise_recon=0.0, device=device.type)
             torch.manual_seed(0)
-            s = module.SPDModel(target, names, C=100, ci=ci, d_gate=16, max_seq_len=64).to(device)
+            new = {"final_only_kwargs": FINAL_ONLY} if module is spd else {}  # (older: no such option)
+            s = module.SPDModel(target, names, C=100, ci=ci, d_gate=16, max_seq_len=64, **new).to(device)
             runs.append((label, module, cfg, s, module.make_optimizer(s, cfg), []))
         for i in range(steps + 2):                       # the first 2 are warm-up
             for label, module, cfg, s, opt, times in runs:
@@ -785,7 +789,8 @@ def main(argv):
     names = decomposed_matrices(cfg.out_proj)
     torch.manual_seed(cfg.seed)                       # U, V and the CI start the same every run
     s = spd.SPDModel(target, list(names.values()), C=cfg.C, ci=cfg.ci, d_gate=cfg.d_gate,
-                     max_seq_len=target.config["max_seq_len"], causal=cfg.ci_causal).to(device)
+                     max_seq_len=target.config["max_seq_len"], causal=cfg.ci_causal,
+                     final_only_kwargs=FINAL_ONLY).to(device)
     n_params = sum(p.numel() for p in s.trainable_parameters())
     print(f"preset {preset} on {device}: {len(names)} matrices, C {cfg.C} each, {cfg.ci} CI "
           f"(D_gate {cfg.d_gate}), {n_params:,} trainable parameters, {cfg.steps} steps at batch "

@@ -133,15 +133,19 @@ class SPDModel(nn.Module):
     model(x)                 -> the target's logits (no mask set: every layer is the target)
     model(x, {name: alpha})  -> logits with the named layers masked, the others the target
     model.run_mask_sets(x, [masks_1, ..., masks_K]) -> all K variants in one batched forward.
-    The caller's model is deep-copied and never changed; only U, V and the CI functions train."""
+    The caller's model is deep-copied and never changed; only U, V and the CI functions train.
+    final_only_kwargs: keyword arguments with which the model computes the final position's
+    logits only (e.g. {"logits_to_keep": 1} for transformers models); the losses on the final
+    position then skip the unembedding of every other position."""
 
     def __init__(self, target, patterns, C, ci="vector", d_gate=16, max_seq_len=None,
-                 causal=True):
+                 causal=True, final_only_kwargs=None):
         super().__init__()
         self.model = copy.deepcopy(target).eval()
         self.model.requires_grad_(False)
         self.spec = dict(patterns=match_modules(self.model, patterns), C=C, ci=ci,
-                         d_gate=d_gate, max_seq_len=max_seq_len, causal=causal)
+                         d_gate=d_gate, max_seq_len=max_seq_len, causal=causal,
+                         final_only_kwargs=final_only_kwargs)
         self.layers = {}   # name -> DecomposedLayer (also registered inside self.model)
         for name in self.spec["patterns"]:
             module = self.model.get_submodule(name)
@@ -157,12 +161,12 @@ class SPDModel(nn.Module):
     def forward(self, x, masks=None):
         return self.run_mask_sets(x, [masks or {}])[0]
 
-    def run_mask_sets(self, x, mask_sets):
+    def run_mask_sets(self, x, mask_sets, final_only=False):
         """f(x | masks_k) for k = 1..K in one forward of the batch repeated K times.
 
         mask_sets[k] maps layer names to alpha (B, S, C); a layer absent from a set keeps the
         target weight in that set's rows (the layerwise and partial losses need this).
-        Returns logits (K, B, S, vocab)."""
+        Returns logits (K, B, S, vocab), or (K, B, vocab) of the final position if final_only."""
         K, B = len(mask_sets), x.shape[0]
         self._check_names({n for m in mask_sets for n in m})
         stacked = {}
@@ -175,8 +179,11 @@ class SPDModel(nn.Module):
                 torch.tensor(ks, device=x.device)[:, None] * B
                 + torch.arange(B, device=x.device)).flatten()                     # (len(ks)·B,)
             stacked[name] = (alpha, rows)
+        kwargs = (self.spec["final_only_kwargs"] or {}) if final_only else {}
         with self.masked(stacked):
-            out = self.logits(self.model(x.repeat(K, *[1] * (x.dim() - 1))))     # (K·B, S, V)
+            out = self.logits(self.model(x.repeat(K, *[1] * (x.dim() - 1)), **kwargs))  # (K·B, S, V)
+        if final_only and out.dim() == 3:
+            out = out[:, -1]                                                      # (K·B, V)
         return out.view(K, B, *out.shape[1:])
 
     @contextlib.contextmanager
@@ -264,7 +271,7 @@ class GammaMLPs(nn.Module):
 
 
 class _ChunkedGamma(torch.autograd.Function):
-    """GammaMLPs.reference on tokens x (N, n_in) (scalar: (N, C)), ROWS tokens at a time.
+    """GammaMLPs.reference on tokens x (N, n_in) (scalar: (N, C)), a chunk of tokens at a time.
 
     The hidden layer h (N, C, H) is the big tensor of an SPD step. As separate ops it streams
     through memory about a dozen times and autograd keeps two copies of it; here each chunk
@@ -272,7 +279,7 @@ class _ChunkedGamma(torch.autograd.Function):
     backward recomputes h. With ḡ = dL/dγ (N, C):
         dL/dw2_c = Σ_n ḡ_nc gelu(h_nc)    dL/dh_nc = ḡ_nc w2_c ⊙ gelu'(h_nc)
         dL/dW1 = (dL/dh)ᵀ x,  dL/db1 = Σ_n dL/dh,  dL/dx = (dL/dh) W1,  dL/db2 = Σ_n ḡ."""
-    ROWS = 256
+    FLOATS = 2 ** 19                                           # hidden units per chunk (2 MB)
 
     @staticmethod
     def hidden(scalar, x, W1, b1, C, H):                       # (n, C, H)
@@ -282,7 +289,7 @@ class _ChunkedGamma(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scalar, x, W1, b1, W2, b2):
-        (C, H), R = W2.shape, _ChunkedGamma.ROWS
+        (C, H), R = W2.shape, max(1, _ChunkedGamma.FLOATS // W2.numel())
         out = x.new_empty(len(x), C)
         for i in range(0, len(x), R):
             h = _ChunkedGamma.hidden(scalar, x[i:i + R], W1, b1, C, H)
@@ -294,7 +301,7 @@ class _ChunkedGamma(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):                                   # grad (N, C)
         x, W1, b1, W2 = ctx.saved_tensors
-        (C, H), R = W2.shape, _ChunkedGamma.ROWS
+        (C, H), R = W2.shape, max(1, _ChunkedGamma.FLOATS // W2.numel())
         gx, gW1, gb1, gW2 = (torch.zeros_like(t) for t in (x, W1, b1, W2))
         for i in range(0, len(x), R):
             xc, g = x[i:i + R], grad[i:i + R, :, None]        # (n, d), (n, C, 1)
@@ -570,9 +577,9 @@ def reconstruction_losses(spd, x, target_logits, g, R, names, weight=None, last_
     flat = [m for n in names for m in sets[n]]
     if not flat:
         return {}
-    logits = spd.run_mask_sets(x, flat)                          # (K, B, S, V)
+    logits = spd.run_mask_sets(x, flat, last_token_only)         # (K, B, S, V) or (K, B, V)
     if last_token_only:
-        logits, target_logits, weight = logits[:, :, -1], target_logits[:, -1], None
+        target_logits, weight = target_logits[:, -1], None
     kl = torch.stack([kl_divergence(lg, target_logits, weight) for lg in logits])  # (K,)
     out, k = {}, 0
     for n in names:

@@ -190,9 +190,9 @@ def value_and_grads(f, tensors, seed=1):
 def test_chunked_gamma_equals_reference(ci, monkeypatch):
     """The fast CPU path of the γ-MLPs (_ChunkedGamma) against GammaMLPs.reference, float64:
     the CI's output and the gradient into every parameter and into the input."""
-    monkeypatch.setattr(spd._ChunkedGamma, "ROWS", 7)            # several chunks, a ragged last
-    torch.manual_seed(0)
     d, C, H = 5, 6, 4
+    monkeypatch.setattr(spd._ChunkedGamma, "FLOATS", 7 * C * H)  # chunks of 7 tokens, a ragged last
+    torch.manual_seed(0)
     f = spd.make_ci(ci, d, C, H, max_seq_len=9).double()
     with torch.no_grad():
         for p in f.parameters():
@@ -248,6 +248,23 @@ def test_fast_step_equals_plain_step(monkeypatch):
             got.append([total, *terms.values(), *torch.autograd.grad(total, params)])
     for a, b in zip(*got):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_final_only_forward_gives_the_same_losses():
+    """SPDModel(final_only_kwargs=...) unembeds the final position only; the final-position
+    losses and their gradients are those of the full forward."""
+    target = induction.InductionTransformer(vocab_size=10, d_model=8, max_seq_len=12)
+    x = induction.make_batch(4, 12, 10, torch.Generator().manual_seed(0))[0]
+    cfg = spd.Config(ci="vector", beta_layerwise_recon=1)
+    got = []
+    for kw in (None, induction.FINAL_ONLY):
+        torch.manual_seed(0)
+        s = spd.SPDModel(target, list(induction.MATRICES.values()), C=5, ci="vector", d_gate=4,
+                         final_only_kwargs=kw)
+        total, terms, _ = spd.training_step(s, x, cfg, 0)
+        got.append([*terms.values(), *torch.autograd.grad(total, s.trainable_parameters())])
+    for a, b in zip(*got):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_ctrl_c_in_faithfulness_warmup_is_one_line(monkeypatch):

@@ -698,7 +698,7 @@ def run(cfg):
                                 TINY_ATHLETE_FACTS[2:] if cfg.model == "tiny" else ())
 
     res["wall_seconds"] = time.time() - t_start
-    spd.atomic_save_json(res, os.path.join(cfg.out_dir, "results.json"))
+    spd.atomic_save(res, os.path.join(cfg.out_dir, "results.json"))
     if os.path.exists(checkpoint):
         os.remove(checkpoint)                                    # complete: results.json holds it
     figures = save_figures(res, cfg.out_dir)

@@ -676,9 +676,13 @@ def bench(target, against="", steps=20, log=print):
     one process, so a noisy machine slows both alike."""
     versions = {"spd.py": spd}
     if against:
-        spec = importlib.util.spec_from_file_location("spd_against", against)
-        versions[against] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(versions[against])
+        try:
+            spec = importlib.util.spec_from_file_location("spd_against", against)
+            versions[against] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(versions[against])
+        except Exception as e:
+            raise spd.SPDError(f"--bench_against={against} is not an importable spd.py "
+                               f"({type(e).__name__}); pass the spd.py of another commit") from None
     device = next(target.parameters()).device
     x = make_batch(64, 64, target.config["vocab_size"], torch.Generator().manual_seed(0), device)[0]
     names = list(decomposed_matrices(True).values())
@@ -769,19 +773,19 @@ def main(argv):
         lengths = (16, 64, 1024, 10240)
         rows = table2(target, cfg, lengths)
         print_table2(rows, lengths, name)
-        spd.atomic_save_json({"device": name, "lengths": lengths, "it_per_s": rows, "paper": PAPER_TABLE2}, out("table2.json"))
+        spd.atomic_save({"device": name, "lengths": lengths, "it_per_s": rows, "paper": PAPER_TABLE2}, out("table2.json"))
         return rows
     if "--bench" in modes:
         print(f"SPD step at the anchor config on {device} ({torch.get_num_threads()} threads):")
         rows = bench(target, cfg.bench_against)
-        spd.atomic_save_json({"device": str(device), "threads": torch.get_num_threads(),
-                              "ms_per_step": rows}, out("bench.json"))
+        spd.atomic_save({"device": str(device), "threads": torch.get_num_threads(),
+                         "ms_per_step": rows}, out("bench.json"))
         return rows
     if "--svd-baseline" in modes:
         s, _ = spd.load(out("spd.pt"), target)
         r = figure2(s.to(device), target, cfg)
         print_figure2(r)
-        spd.atomic_save_json(r, out("figure2.json"))
+        spd.atomic_save(r, out("figure2.json"))
         if save_figure2(r, out("figure2.png")):
             print(f"saved {out('figure2.png')}")
         return r
@@ -804,7 +808,7 @@ def main(argv):
     print_table1(results)
     results.update(config=dataclasses.asdict(cfg), preset=preset, history=history,
                    wall_seconds=time.time() - t0)
-    spd.atomic_save_json(results, out("table1.json"))
+    spd.atomic_save(results, out("table1.json"))
     spd.save(s, out("spd.pt"), cfg)
     if os.path.exists(out("checkpoint.pt")):
         os.remove(out("checkpoint.pt"))                # the run is complete: spd.pt holds it

@@ -134,9 +134,8 @@ class SPDModel(nn.Module):
     model(x, {name: alpha})  -> logits with the named layers masked, the others the target
     model.run_mask_sets(x, [masks_1, ..., masks_K]) -> all K variants in one batched forward.
     The caller's model is deep-copied and never changed; only U, V and the CI functions train.
-    final_only_kwargs: keyword arguments with which the model computes the final position's
-    logits only (e.g. {"logits_to_keep": 1} for transformers models); the losses on the final
-    position then skip the unembedding of every other position."""
+    final_only_kwargs: the model's arguments for the final position's logits only (e.g.
+    {"logits_to_keep": 1} in transformers), used by the losses on the final position."""
 
     def __init__(self, target, patterns, C, ci="vector", d_gate=16, max_seq_len=None,
                  causal=True, final_only_kwargs=None):
@@ -353,8 +352,7 @@ class AttentionCI(nn.Module):
     call r_n "the row of learned relative positional biases"; we use one scalar bias per
     offset, i.e. 2·max_seq_len - 1 numbers.
     Causal masking: the paper is silent. Default causal=True (position n sees positions ≤ n,
-    like the model it explains); causal=False is supported. On the induction task both gave
-    the same Table 1 within noise (L_recon 0.0091 causal vs 0.0098 not, 5000 steps; README)."""
+    like the model it explains); causal=False is supported (the README compares the two)."""
 
     def __init__(self, d, C, H, max_seq_len, causal=True):
         super().__init__()
@@ -513,8 +511,7 @@ class _MinimalityTerm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (slope,) = ctx.saved_tensors
-        return grad * slope, None
+        return grad * ctx.saved_tensors[0], None
 
 
 # Every reconstruction loss is the mean of KL(f(x | W) || f(x | masked weights)) over a list of
@@ -581,11 +578,7 @@ def reconstruction_losses(spd, x, target_logits, g, R, names, weight=None, last_
     if last_token_only:
         target_logits, weight = target_logits[:, -1], None
     kl = torch.stack([kl_divergence(lg, target_logits, weight) for lg in logits])  # (K,)
-    out, k = {}, 0
-    for n in names:
-        out[n] = kl[k: k + len(sets[n])].mean()
-        k += len(sets[n])
-    return out
+    return {n: v.mean() for n, v in zip(names, kl.split([len(sets[n]) for n in names]))}
 
 
 # -----------------------------------------------------------------------------
@@ -624,7 +617,7 @@ class Config:
     checkpoint_every: int = 1000              # steps between checkpoints (0: only on Ctrl-C)
     resume: bool = False                      # continue the run saved in the checkpoint
     device: str = "cpu"
-    compile: bool = False                     # torch.compile the step (for CUDA; slower on a CPU)
+    compile: bool = False                     # torch.compile the step (meant for CUDA; no gain on a CPU)
 
 
 def apply_overrides(cfg, args):
@@ -753,10 +746,10 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
     """Train U, V and the CI functions for cfg.steps steps (Algorithm 3 in a loop).
 
     next_batch() returns x, or (x, weight) with weight (B, S) marking the positions that count.
-    checkpoint: a path. Every cfg.checkpoint_every steps, and on Ctrl-C, the run is saved there
-    (section 8); cfg.resume continues it exactly. data_rng: the torch.Generator next_batch draws
-    from, saved with it. A non-finite loss stops the run with an SPDError before anything is
-    saved. Returns the history: one dict of loss terms and mean L0 per layer per log line."""
+    Every cfg.checkpoint_every steps and on Ctrl-C the run is saved to `checkpoint` (a path),
+    with data_rng (the torch.Generator next_batch draws from); cfg.resume continues it exactly.
+    A non-finite loss stops the run with an SPDError, nothing saved. Returns the history: the
+    loss terms and mean L0 per layer, one dict per log line."""
     from tqdm import tqdm
     torch.manual_seed(cfg.seed)
     frozen = {n: p.detach().clone() for n, p in spd.named_parameters() if not p.requires_grad}
@@ -813,17 +806,17 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
 
 @contextlib.contextmanager
 def _on_interrupt(handler):
-    """Inside, Ctrl-C (SIGINT) calls handler() instead of raising, so a step is never cut in half."""
+    """Inside, Ctrl-C (SIGINT) calls handler() instead of raising, so a step is never cut in
+    half (in the main thread; other threads cannot handle signals and leave it alone)."""
     import signal
-    try:
-        old = signal.signal(signal.SIGINT, lambda *_: handler())
-    except ValueError:                               # not the main thread: leave SIGINT alone
-        yield
-        return
+    import threading
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, lambda *_: handler()) if main else None
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
+        if main:
+            signal.signal(signal.SIGINT, old)
 
 
 # -----------------------------------------------------------------------------
@@ -880,14 +873,11 @@ def atomic_write(path, write):
 
 
 def atomic_save(obj, path):
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_save_json(obj, path):
+    """torch.save(obj, path), or JSON for a path ending in .json, through atomic_write."""
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
-    atomic_write(path, write)
+    atomic_write(path, write if str(path).endswith(".json") else lambda tmp: torch.save(obj, tmp))
 
 
 def read_file(path, what, fix, keys=()):

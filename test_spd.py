@@ -1154,6 +1154,8 @@ BAD_INDUCTION = {  # case -> (extra argv, expected message, file to break first)
     "target_not_ours": (["--target_path={d}/other_spd.pt"], r"other_spd.pt is no induction target: it has no 'state_dict'", None),
     "truncated_spd": (["--svd-baseline", "--out_dir={d}/cut"], r"spd.pt is not a readable decomposition", "cut/spd.pt:truncate"),
     "spd_other_target": (["--svd-baseline", "--out_dir={d}/foreign"], r"spd.pt was made for a different target", "foreign/spd.pt:other"),
+    "bench_missing": (["--bench", "--bench_against={d}/none.py"], r"--bench_against=.*none.py is out of range: it must be an existing spd.py file", None),
+    "bench_garbage": (["--bench", "--bench_against={d}/bad_target.pt"], r"bad_target.pt is not an importable spd.py", "bad_target.pt:garbage"),
 }
 
 

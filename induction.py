@@ -351,7 +351,7 @@ PRESETS = {
                   beta_faithfulness=1000.0, beta_minimality=0.02, p_start=0.9, p_final=0.1,
                   optimizer="adam", lr=1e-3, lr_schedule="cosine", lr_warmup=0.0,
                   last_token_only=True, **TABLE3),
-    # Table 1 on a 2-core CPU (11-22 minutes, machine-dependent): Table 4's losses and betas, plus the
+    # Table 1 on a 2-core CPU (17 minutes on ours, 2 threads): Table 4's losses and betas, plus the
     # deterministic layerwise loss (Eq. 3 with masks g, which Table 1 reports), with 32x smaller
     # batches, 10x fewer steps, C 16 instead of 100, a 3x larger lr and a faithfulness warm-up.
     # Measured on the committed target (1 thread, seed 0; the README lists every run): without

@@ -658,8 +658,7 @@ CONFIG_RULES = {  # field -> (allowed?, what is allowed) for every non-bool fiel
        "stochastic_recon", "layerwise_recon", "stochastic_layerwise_recon", "partial_recon",
        "stochastic_partial_recon"]},
     "p_start": (lambda v: 0 < v <= 2, "in (0, 2]"), "p_final": (lambda v: 0 < v <= 2, "in (0, 2]"),
-    "steps": _at_least(1),
-    "batch_size": _at_least(1), "optimizer": _one_of("adam", "adamw"), "lr": _POSITIVE,
+    "steps": _at_least(1), "batch_size": _at_least(1), "optimizer": _one_of("adam", "adamw"), "lr": _POSITIVE,
     "weight_decay": _NONNEGATIVE, "lr_schedule": _one_of("constant", "cosine"),
     "lr_warmup": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     "faithfulness_warmup_steps": _at_least(0), "faithfulness_warmup_lr": _POSITIVE,
@@ -669,15 +668,11 @@ CONFIG_RULES = {  # field -> (allowed?, what is allowed) for every non-bool fiel
 
 
 def check_config(cfg, rules=CONFIG_RULES):
-    """Raise a one-line SPDError for the first field whose value is out of its range (bools
-    are checked by apply_overrides)."""
+    """A one-line SPDError for the first field out of its range (bools: see apply_overrides)."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if isinstance(value, bool):
-            continue
-        ok, allowed = rules[f.name]
-        if not ok(value):
-            raise SPDError(f"--{f.name}={value} is out of range: it must be {allowed}")
+        if not isinstance(value, bool) and not rules[f.name][0](value):
+            raise SPDError(f"--{f.name}={value} is out of range: it must be {rules[f.name][1]}")
     return cfg
 
 

@@ -429,7 +429,8 @@ def final_word_probs(model, tokenizer, sentences):
 @torch.no_grad()
 def greedy_completion(model, tokenizer, prompt, answer):
     """The model's greedy continuation of prompt, as many tokens long as " " + answer."""
-    ids, n = tokenizer.encode(prompt), len(tokenizer.encode(prompt))
+    ids = tokenizer.encode(prompt)
+    n = len(ids)
     device = next(model.parameters()).device
     for _ in tokenizer.encode(" " + answer):
         ids.append(int(model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].argmax()))
@@ -441,9 +442,8 @@ def name_zeroed_probs(model, tokenizer, module, facts):
     or MLP) set to 0 at the name tokens only, every other position untouched. A forward hook, used
     only for this diagnostic (the method itself never hooks)."""
     prompts = [f.rsplit(" ", 1)[0] for f in facts]
-    rows = [[0.0] * len(tokenizer.encode(" ".join(p.split()[:2])))
-            + [1.0] * (len(tokenizer.encode(p)) - len(tokenizer.encode(" ".join(p.split()[:2]))))
-            for p in prompts]
+    n_name = [len(tokenizer.encode(" ".join(p.split()[:2]))) for p in prompts]
+    rows = [[0.0] * k + [1.0] * (len(tokenizer.encode(p)) - k) for p, k in zip(prompts, n_name)]
     keep = _pad(rows)[0].float().to(next(model.parameters()).device)      # (B, S) 0 at the names
 
     def zero_names(mod, inputs, out):                # attention returns (output, weights)
@@ -597,10 +597,16 @@ def zero_mlp_probs(model, tokenizer):
         m = copy.deepcopy(model)
         for p in m.transformer.h[i].mlp.parameters():
             p.zero_()
-        P = athlete_probs(m, tokenizer)
-        out.append({"P(sport)": [P[0][0], P[1][1]], "facts_mean": final_word_probs(m, tokenizer, FACTS).mean().item()})
+        out.append(sport_and_facts(m, tokenizer))
         del m
     return out
+
+
+def sport_and_facts(model, tokenizer):
+    """{"P(sport)": [P(basketball | Kobe prompt), P(golf | Tiger prompt)], "facts_mean": the mean
+    P(final word) over FACTS}: the Figure 9 numbers of one model."""
+    P = athlete_probs(model, tokenizer)
+    return {"P(sport)": [P[0][0], P[1][1]], "facts_mean": final_word_probs(model, tokenizer, FACTS).mean().item()}
 
 # -----------------------------------------------------------------------------
 # the experiment
@@ -689,13 +695,12 @@ def run(cfg):
     edits = {SPORTS[b]: merge(chosen[b]["first"], chosen[b]["last"]) for b in range(2)}
     edited = {sport: suppress(model, s, ch) for sport, ch in edits.items()}
     res["suppression"] = report_suppression(model, edited, edits, tokenizer, P0)
-    res["fact_set"] = report_fact_set(model, edited, tokenizer,
-                                      TINY_ATHLETE_FACTS[2:] if cfg.model == "tiny" else ())
+    more = TINY_ATHLETE_FACTS[2:] if cfg.model == "tiny" else ()   # the tiny model's other athletes
+    res["fact_set"] = report_fact_set(model, edited, tokenizer, more)
     res["names"] = report_names(model, s, chosen, labels, tokenizer)
     res["reversed"] = report_reversed(model, edited["golf"], tokenizer)
     res["claim"] = report_claim(res)
-    res["where"] = report_where(model, s, on, tokenizer, edit_layers,
-                                TINY_ATHLETE_FACTS[2:] if cfg.model == "tiny" else ())
+    res["where"] = report_where(model, s, on, tokenizer, edit_layers, more)
 
     res["wall_seconds"] = time.time() - t_start
     spd.atomic_save(res, os.path.join(cfg.out_dir, "results.json"))
@@ -842,9 +847,7 @@ def report_reversed(model, edited_golf, tokenizer):
 
 def report_zero_mlp(model, tokenizer):
     """Analysis 0 (Figure 9), before any SPD: where the model needs an MLP for the two facts."""
-    rows = zero_mlp_probs(model, tokenizer)
-    P = athlete_probs(model, tokenizer)
-    full = {"P(sport)": [P[0][0], P[1][1]], "facts_mean": final_word_probs(model, tokenizer, FACTS).mean().item()}
+    rows, full = zero_mlp_probs(model, tokenizer), sport_and_facts(model, tokenizer)
     print(f"\n(0) Figure 9: one MLP zeroed at a time | Kobe: P(basketball) | Tiger: P(golf) | FACTS mean")
     for name, r in [("none", full)] + [(f"MLP {i}", r) for i, r in enumerate(rows)]:
         print(f"{name:38s} | {r['P(sport)'][0]:17.4f} | {r['P(sport)'][1]:13.4f} | {r['facts_mean']:.4f}")

@@ -186,6 +186,12 @@ def value_and_grads(f, tensors, seed=1):
     return [out, *(torch.zeros(()) if v is None else v for v in grads)]
 
 
+def use_chunked_gamma(module, on):
+    for m in module.modules():
+        if isinstance(m, spd.GammaMLPs):
+            m.chunked = on
+
+
 @pytest.mark.parametrize("ci", ["scalar", "vector", "attention"])
 def test_chunked_gamma_equals_reference(ci, monkeypatch):
     """The fast CPU path of the γ-MLPs (_ChunkedGamma) against GammaMLPs.reference, float64:
@@ -202,9 +208,7 @@ def test_chunked_gamma_equals_reference(ci, monkeypatch):
     tensors = [x, V, *f.parameters()]
     got = {}
     for chunked in (False, True):
-        for m in f.modules():
-            if isinstance(m, spd.GammaMLPs):
-                m.chunked = chunked
+        use_chunked_gamma(f, chunked)
         got[chunked] = value_and_grads(lambda: f(x, V), tensors)
     for a, b in zip(got[False], got[True]):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
@@ -240,9 +244,7 @@ def test_fast_step_equals_plain_step(monkeypatch):
         with monkeypatch.context() as mp:
             if not fast:
                 mp.setattr(spd, "importance_minimality_loss_fused", plain_minimality)
-            for m in s.modules():
-                if isinstance(m, spd.GammaMLPs):
-                    m.chunked = fast
+            use_chunked_gamma(s, fast)
             torch.manual_seed(0)                                # the same masks and subsets
             total, terms, _ = spd.training_step(s, x, cfg, 3)
             got.append([total, *terms.values(), *torch.autograd.grad(total, params)])

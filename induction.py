@@ -105,14 +105,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x, pe_q, pe_k, return_attn=False):
-        # x (B,S,d) residual stream; pe_q, pe_k (S,d) or (B,S,d) positions added to q and k
+    def forward(self, x, pe_q, pe_k, return_attn=False, last_query=False):
+        # x (B,S,d) residual stream; pe_q, pe_k (S,d) or (B,S,d) positions added to q and k.
+        # last_query: the final query only -> (B,1,d); it sees every key, so no causal mask
         S, d = x.shape[1], x.shape[2]
         q = self.q_proj(x) + pe_q  # (B,S,d)
         k = self.k_proj(x) + pe_k  # (B,S,d)
         v = self.v_proj(x)  # (B,S,d), no positions on V
         if not return_attn:  # the same function through a fused kernel (O(S) memory on a GPU)
-            a = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], is_causal=True)
+            q = q[:, -1:] if last_query else q
+            a = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], is_causal=not last_query)
             return self.out_proj(a[:, 0]), None  # (B,1,S,d): 4-D for the fused CUDA kernels
         causal_mask = torch.full((S, S), float("-inf"), device=x.device).triu(1)  # (S,S)
         att = (q @ k.transpose(1, 2) / math.sqrt(d) + causal_mask).softmax(dim=-1)  # (B,S,S)
@@ -126,9 +128,9 @@ class Block(nn.Module):
         super().__init__()
         self.attn = Attention(d_model)
 
-    def forward(self, x, pe_q, pe_k, return_attn=False):
-        y, att = self.attn(x, pe_q, pe_k, return_attn)
-        return x + y, att  # (B,S,d), (B,S,S) or None
+    def forward(self, x, pe_q, pe_k, return_attn=False, last_query=False):
+        y, att = self.attn(x, pe_q, pe_k, return_attn, last_query)
+        return (x[:, -1:] if last_query else x) + y, att  # (B,S,d) or (B,1,d), (B,S,S) or None
 
 
 class InductionTransformer(nn.Module):
@@ -151,8 +153,8 @@ class InductionTransformer(nn.Module):
     def forward(self, tokens, return_attn=False, q_pos_at=None, final_only=False):
         """tokens (B,S) -> logits (B,S,V) [, attention patterns: list of (B,S,S) per layer].
 
-        final_only: unembed the final position only -> logits (B,V); the task's loss and
-        accuracy use only that position.
+        final_only: the final position's logits only -> (B,V); the task's loss and accuracy use
+        only that position, so the last layer runs its final query only (same numbers, faster).
         q_pos_at: positions (B,) long or a mask (B,S) bool; in layer 0 only, the positional
         encoding is NOT added to the query there (the mechanism check of Section 6.1).
         """
@@ -165,7 +167,8 @@ class InductionTransformer(nn.Module):
             pe_q0 = pe * (~drop).unsqueeze(-1)  # (B,S,d)
         attns = []
         for i, block in enumerate(self.blocks):
-            x, att = block(x, pe_q0 if i == 0 else pe, pe, return_attn)  # (B,S,d), (B,S,S)
+            last = final_only and not return_attn and i == len(self.blocks) - 1
+            x, att = block(x, pe_q0 if i == 0 else pe, pe, return_attn, last)  # (B,S,d), (B,S,S)
             attns.append(att)
         logits = self.unembed(x[:, -1] if final_only else x)  # (B,V) or (B,S,V)
         return (logits, attns) if return_attn else logits

@@ -253,16 +253,19 @@ def test_fast_step_equals_plain_step(monkeypatch):
 
 
 def test_final_only_forward_gives_the_same_losses():
-    """SPDModel(final_only_kwargs=...) unembeds the final position only; the final-position
-    losses and their gradients are those of the full forward."""
+    """SPDModel(final_only_kwargs=...) unembeds the final position only, and the induction
+    model then runs its last layer's final query only (the masks of the decomposed out_proj
+    sliced to match); the final-position losses and their gradients are those of the full
+    forward."""
     target = induction.InductionTransformer(vocab_size=10, d_model=8, max_seq_len=12)
     x = induction.make_batch(4, 12, 10, torch.Generator().manual_seed(0))[0]
+    assert torch.allclose(target(x, final_only=True), target(x)[:, -1], atol=1e-6)
     cfg = spd.Config(ci="vector", beta_layerwise_recon=1)
     got = []
     for kw in (None, induction.FINAL_ONLY):
         torch.manual_seed(0)
-        s = spd.SPDModel(target, list(induction.MATRICES.values()), C=5, ci="vector", d_gate=4,
-                         final_only_kwargs=kw)
+        s = spd.SPDModel(target, list(induction.decomposed_matrices(True).values()), C=5,
+                         ci="vector", d_gate=4, final_only_kwargs=kw)
         total, terms, _ = spd.training_step(s, x, cfg, 0)
         got.append([*terms.values(), *torch.autograd.grad(total, s.trainable_parameters())])
     for a, b in zip(*got):

@@ -1039,6 +1039,22 @@ def test_induction_data_and_positions():
 
 
 
+def test_induction_presets():
+    """`paper` is Table 4 exactly; `cpu` changes only the listed settings (README: why each)."""
+    table4 = dict(batch_size=1024, optimizer="adam", lr=1e-3, lr_schedule="cosine", lr_warmup=0.0,
+                  steps=100_000, C=100, d_gate=16, ci="attention", beta_stochastic_recon=1.0,
+                  beta_stochastic_layerwise_recon=1.0, beta_recon=0.5, beta_faithfulness=1000.0,
+                  beta_minimality=0.02, p_start=0.9, p_final=0.1, last_token_only=True)
+    paper, _ = induction.parse_config(["--preset=paper"])
+    cpu, _ = induction.parse_config([])
+    assert {k: getattr(paper, k) for k in table4} == table4
+    assert paper.beta_layerwise_recon == 0 and paper.faithfulness_warmup_steps == 0
+    changed = {f.name for f in dataclasses.fields(spd.Config)            # the decomposition's
+               if getattr(cpu, f.name) != getattr(paper, f.name)}        # (not the target's)
+    assert changed == {"batch_size", "steps", "C", "lr", "beta_layerwise_recon", "beta_minimality",
+                       "faithfulness_warmup_steps"}
+
+
 def test_committed_target_is_table3_and_supports_the_circuit():
     """induction_target.pt: Table 3's recipe, solves the task, needs the positions on m's
     query, and the paper's circuit alone reproduces it (oracle KL); a random target's does not."""

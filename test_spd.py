@@ -1038,7 +1038,6 @@ def test_induction_data_and_positions():
     assert torch.allclose(att0[0], ref.softmax(-1), atol=1e-6)
 
 
-
 def test_induction_presets():
     """`paper` is Table 4 exactly; `cpu` changes only the listed settings (README: why each)."""
     table4 = dict(batch_size=1024, optimizer="adam", lr=1e-3, lr_schedule="cosine", lr_warmup=0.0,

@@ -360,7 +360,7 @@ PRESETS = {
     # 3x larger lr and a faithfulness warm-up. Measured on the committed target (1 thread; the
     # README lists every run): without the layerwise loss L_recon_layerwise is 7e-2 instead of
     # 1e-4; beta_minimality 0.02 / 0.05 / 0.1 gave unique Q0+K0+V0+Q1+K1 of 12-17 (7 runs) /
-    # 9-12 / 7-9 (3 seeds each) with L_recon <= 1e-3 throughout. C 16 with 10000 steps beat
+    # 9-12 / 7-9 (3 / 6 runs) with L_recon <= 1e-3 throughout. C 16 with 10000 steps beat
     # C 32 with 7000 on all three seeds (unique V1 14-15 against 21-23) in about the same time.
     "cpu": dict(batch_size=32, steps=10_000, C=16, lr=3e-3, beta_layerwise_recon=1.0,
                 beta_minimality=0.1, faithfulness_warmup_steps=400, log_every=500),

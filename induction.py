@@ -610,13 +610,22 @@ def step_memory_gb(B, S, C, H, n_matrices, ci, K):
     return floats * 4 / 1e9
 
 
+ANCHOR = dict(C=100, d_gate=16, n_mask_samples=1, beta_layerwise_recon=0.0)
+
+
+def anchor_config(module, ci, batch_size, device):
+    """The config Table 2 and our speed work time (MEASURED.md's anchor): C 100, D_gate 16, one
+    mask sample, the losses faithfulness, recon, stochastic recon, stochastic layerwise recon
+    and minimality with Table 4's betas (module.Config's defaults). module: spd, or another
+    commit's spd.py (see bench)."""
+    return module.Config(ci=ci, batch_size=batch_size, device=device.type, **ANCHOR)
+
+
 def table2(target, cfg, lengths=(16, 64, 1024, 10240), repeats=5, log=print):
-    """Median it/s of a full decomposition step (forward, backward, Adam) on all 8 matrices,
-    C 100, D_gate 16, one mask sample; losses faithfulness, recon, stochastic recon, stochastic
-    layerwise recon, minimality (the betas of Table 4). Batch 64, 4 at 10240 (as the paper)."""
+    """Median it/s of a full decomposition step (forward, backward, Adam) on all 8 matrices at
+    the anchor config (anchor_config: C 100, D_gate 16, one mask sample, Table 4's betas).
+    Batch 64, 4 at 10240 (as the paper)."""
     device = next(target.parameters()).device
-    bench = dataclasses.replace(cfg, C=100, d_gate=16, n_mask_samples=1, beta_layerwise_recon=0.0,
-                                beta_partial_recon=0.0, beta_stochastic_partial_recon=0.0)
     names = list(decomposed_matrices(True).values())
     K = 1 + 1 + len(names)                               # recon + stochastic + layerwise mask sets
     rows = {k: [] for k in PAPER_TABLE2}
@@ -626,15 +635,16 @@ def table2(target, cfg, lengths=(16, 64, 1024, 10240), repeats=5, log=print):
         x = make_batch(B, S, model.config["vocab_size"], torch.Generator().manual_seed(0), device)[0]
         for label in PAPER_TABLE2:
             ci, flex = ("attention" if "Attention" in label else label.lower()), "(flex)" in label
-            gb = step_memory_gb(B, S, bench.C, bench.d_gate, len(names), ci, K)
+            gb = step_memory_gb(B, S, ANCHOR["C"], ANCHOR["d_gate"], len(names), ci, K)
             if flex and device.type != "cuda":
                 rows[label].append("no backward on CPU")
                 continue
             if gb > cfg.max_memory_gb:
                 rows[label].append(f"needs ~{gb:.0f} GB")
                 continue
+            bench = anchor_config(spd, ci, B, device)
             s = spd.SPDModel(model, names, C=bench.C, ci=ci, d_gate=bench.d_gate, max_seq_len=S,
-                             causal=bench.ci_causal, final_only_kwargs=FINAL_ONLY).to(device)
+                             causal=cfg.ci_causal, final_only_kwargs=FINAL_ONLY).to(device)
             for layer in s.layers.values():
                 layer.ci.flex = flex if ci == "attention" else None
             opt = spd.make_optimizer(s, bench)
@@ -646,7 +656,6 @@ def table2(target, cfg, lengths=(16, 64, 1024, 10240), repeats=5, log=print):
                 continue
             finally:
                 del s, opt
-                loss = None
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             step = sorted(times[2:])[repeats // 2]
@@ -671,12 +680,10 @@ def timed_step(module, s, x, cfg, opt, step):
 
 
 def bench(target, against="", steps=20, log=print):
-    """Median ms per decomposition step at the anchor config of our speed work (MEASURED.md):
-    the 8 q/k/v/out matrices, C 100, D_gate 16, batch 64, S 64, one mask sample, the losses
-    faithfulness, recon, stochastic recon, stochastic layerwise recon and minimality (Table 4's
-    betas), for the vector and the attention CI. against: the path of another spd.py (e.g. an
-    older commit's, checked out with `git worktree add`); its steps alternate with ours in this
-    one process, so a noisy machine slows both alike."""
+    """Median ms per decomposition step at the anchor config (anchor_config) on the 8
+    q/k/v/out matrices, batch 64, S 64, for the vector and the attention CI. against: the path
+    of another spd.py (e.g. an older commit's, checked out with `git worktree add`); its steps
+    alternate with ours in this one process, so a noisy machine slows both alike."""
     versions = {"spd.py": spd}
     if against:
         try:
@@ -693,11 +700,11 @@ def bench(target, against="", steps=20, log=print):
     for ci in ("vector", "attention"):
         runs = []
         for label, module in versions.items():
-            cfg = module.Config(C=100, d_gate=16, ci=ci, n_mask_samples=1, batch_size=64,
-                                beta_layerwise_recon=0.0, device=device.type)
+            cfg = anchor_config(module, ci, 64, device)
             torch.manual_seed(0)
             new = {"final_only_kwargs": FINAL_ONLY} if module is spd else {}  # (older: no such option)
-            s = module.SPDModel(target, names, C=100, ci=ci, d_gate=16, max_seq_len=64, **new).to(device)
+            s = module.SPDModel(target, names, C=cfg.C, ci=ci, d_gate=cfg.d_gate, max_seq_len=64,
+                                **new).to(device)
             runs.append((label, module, cfg, s, module.make_optimizer(s, cfg), []))
         for i in range(steps + 2):                       # the first 2 are warm-up
             for label, module, cfg, s, opt, times in runs:

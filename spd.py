@@ -296,13 +296,13 @@ class _ChunkedGamma(torch.autograd.Function):
             h = _ChunkedGamma.hidden(scalar, x[i:i + R], W1, b1, C, H)
             torch.sum(F.gelu(h).mul_(W2), -1, out=out[i:i + R])
         ctx.save_for_backward(x, W1, b1, W2)
-        ctx.scalar = scalar
+        ctx.scalar, ctx.rows = scalar, R
         return out.add_(b2)
 
     @staticmethod
     def backward(ctx, grad):                                   # grad (N, C)
         x, W1, b1, W2 = ctx.saved_tensors
-        (C, H), R = W2.shape, max(1, _ChunkedGamma.FLOATS // W2.numel())
+        (C, H), R = W2.shape, ctx.rows
         gx, gW1, gb1, gW2 = (torch.zeros_like(t) for t in (x, W1, b1, W2))
         for i in range(0, len(x), R):
             xc, g = x[i:i + R], grad[i:i + R, :, None]        # (n, d), (n, C, 1)

@@ -447,25 +447,48 @@ CIRCUIT = {"Q0": "m", "K0": "s1", "V0": "s1", "Q1": "s2", "K1": "m", "V1": "m"}
 
 
 @torch.no_grad()
-def oracle_kl(target, n=1024, seed=EVAL_SEED + 5):
+def oracle_kl(target, n=1024, seed=EVAL_SEED + 5, ranks=None, draws=0, basis="svd"):
     """Can the target support Table 1 at all? (A check of ours, not in the paper.)
 
-    Each of Q0..V1 is kept at full rank (exact components, U V = W) only at its position in
-    CIRCUIT and set to zero everywhere else; returns the final-token KL(target || that model)
-    on n fresh sequences. Near 0: the paper's circuit is all the target uses."""
+    Each of Q0..V1 is cut into d rank-1 pieces (U V = W); the first ranks[matrix] of them
+    (default: all d) are on (alpha = 1) only at the matrix's position in CIRCUIT, every other
+    piece is off (alpha = 0). Returns the final-token KL(target || that model) on n fresh
+    sequences. Near 0 with every rank full: the paper's circuit is all the target uses.
+    draws > 0: the pieces that are off get SPD's stochastic masks instead, alpha = u ~ U(0, 1)
+    (Sec. 4 with g = 0), as the stochastic losses see them; the mean KL of `draws` (seeded) samples.
+    basis: the pieces are W's singular directions ("svd"), or those of W in the norm of the
+    matrix's inputs x at its position ("data": W = (W Σ^½) Σ^-½ with Σ = E[x xᵀ] there, so the
+    first r pieces are the best rank-r fit of W x at the position)."""
+    if basis not in ("svd", "data"):
+        raise spd.SPDError(f"unknown basis {basis!r}: use svd or data")
     cfg, device = target.config, next(target.parameters()).device
-    tokens, s1 = make_batch(n, cfg["max_seq_len"], cfg["vocab_size"], torch.Generator().manual_seed(seed), device)
-    s = spd.SPDModel(target, list(MATRICES.values()), C=cfg["d_model"], ci="vector").to(device)
-    masks, b = {}, torch.arange(n, device=device)
-    where = {"s1": s1, "m": s1 + 1, "s2": torch.full_like(s1, cfg["max_seq_len"] - 1)}
+    d, S = cfg["d_model"], cfg["max_seq_len"]
+    tokens, s1 = make_batch(n, S, cfg["vocab_size"], torch.Generator().manual_seed(seed), device)
+    s = spd.SPDModel(target, list(MATRICES.values()), C=d, ci="vector").to(device)
+    inputs = s.target_forward(tokens)[1]
+    g, b = {}, torch.arange(n, device=device)
+    where = {"s1": s1, "m": s1 + 1, "s2": torch.full_like(s1, S - 1)}
     for short, name in MATRICES.items():
-        layer = s.layers[name]
-        layer.U.copy_(layer.W)                                     # U = W, V = I: U V = W exactly
-        layer.V.copy_(torch.eye(cfg["d_model"], device=device))
-        alpha = torch.zeros(n, cfg["max_seq_len"], cfg["d_model"], device=device)  # (B, S, C)
-        alpha[b, where[CIRCUIT[short]]] = 1.0
-        masks[name] = alpha
-    return spd.kl_divergence(s(tokens, masks)[:, -1], target(tokens)[:, -1]).item()
+        layer, at = s.layers[name], where[CIRCUIT[short]]
+        root = inv_root = torch.eye(d, device=device)
+        if basis == "data":
+            x = inputs[name][b, at]                                   # (n, d_in) at the position
+            ev, Q = torch.linalg.eigh(x.T @ x / n)                    # Σ = Q diag(ev) Qᵀ
+            ev = ev.clamp(min=1e-4 * ev.max())                        # (Σ may be near singular)
+            root, inv_root = Q * ev.sqrt() @ Q.T, Q * ev.rsqrt() @ Q.T
+        U, sv, Vh = torch.linalg.svd(layer.W @ root)                  # W Σ^½ = U diag(sv) Vh
+        layer.U.copy_(U * sv)                                         # piece c: (U[:, c] sv_c) ...
+        layer.V.copy_(Vh @ inv_root)                                  # ... (Vh[c] Σ^-½)
+        g[name] = torch.zeros(n, S, d, device=device)                 # (B, S, C)
+        g[name][b, at, :(ranks or {}).get(short, d)] = 1.0
+    target_logits = target(tokens)[:, -1]
+    if not draws:
+        return spd.kl_divergence(s(tokens, g)[:, -1], target_logits).item()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        kls = [spd.kl_divergence(s(tokens, {k: spd.sample_masks(v) for k, v in g.items()})[:, -1],
+                                 target_logits).item() for _ in range(draws)]
+    return sum(kls) / draws
 
 
 def print_table1(r, log=print):

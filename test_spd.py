@@ -1094,6 +1094,25 @@ def test_committed_target_is_table3_and_supports_the_circuit():
     torch.manual_seed(0)
     assert induction.oracle_kl(induction.InductionTransformer(), n=256) > 1e-3
 
+
+def test_oracle_pieces_on_the_committed_target():
+    """Why Table 1's Q0 and K0 take several pieces on our target (README): with SPD's stochastic
+    masks on every piece that is off, the circuit needs two directions of Q0 at m and two of K0
+    at s1 on at once (data basis; one: KL > 1e-2) and three of W's singular directions; with
+    alpha = 0 where g = 0 instead, one data direction of each is enough. The bases reproduce W."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "induction_target.pt")
+    target = induction.load_or_train_target(path, log=lambda *a: None)
+    kl = lambda basis, draws, **ranks: induction.oracle_kl(target, 512, ranks=ranks, draws=draws, basis=basis)
+    assert abs(kl("data", 0) - kl("svd", 0)) < 1e-6 and kl("svd", 0) < 5e-4   # all d pieces: U V = W
+    for m in ("Q0", "K0"):
+        assert kl("data", 4, **{m: 1}) > 1e-2 and kl("data", 4, **{m: 2}) < 1e-5
+        assert kl("svd", 4, **{m: 2}) > 1e-3 and kl("svd", 4, **{m: 3}) < 1e-5
+        assert kl("data", 0, **{m: 1}) < 1e-4
+    assert kl("svd", 4, V0=1, Q1=1, K1=1) < 1e-5
+    assert kl("svd", 0, Q0=0) > 1e-2                                             # Q0 is needed
+    with pytest.raises(spd.SPDError, match="unknown basis"):
+        kl("qr", 0)
+
 # -----------------------------------------------------------------------------
 # CUDA only (skipped elsewhere): the compiled flex-attention path and a full step on the GPU
 

@@ -380,7 +380,8 @@ PRESETS = {
     # target (commit 39f5074 on), beta_minimality 0.2 instead of 0.1: seeds 0-2 (1 thread) all
     # keep L_recon and L_recon_layerwise <= 1e-3 and every cell the paper has at 0 below 0.2, with
     # unique V0 Q1 K1 1 1 1 (at 0.1: L_recon 1.1e-3 on two of three, K1@s1 0.3-0.5 on two, V0 and
-    # Q1 up to 3); Q0 and K0 still take 4-7 pieces (README: the target needs two at once). 0.3
+    # Q1 up to 3), but the default run (2 threads) has L_recon_layerwise 4.2e-3; Q0 and K0 still
+    # take 4-7 pieces (README: the target most likely needs two at once). 0.3
     # pushed L_recon to 2e-3; batch 64 x 6000 steps and C 12 were worse.
     "cpu": dict(batch_size=32, steps=10_000, C=16, lr=5e-3, beta_layerwise_recon=1.0,
                 beta_minimality=0.2, faithfulness_warmup_steps=400, log_every=500),

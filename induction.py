@@ -381,8 +381,8 @@ PRESETS = {
     # keep L_recon and L_recon_layerwise <= 1e-3 and every cell the paper has at 0 below 0.2, with
     # unique V0 Q1 K1 1 1 1 (at 0.1: L_recon 1.1e-3 on two of three, K1@s1 0.3-0.5 on two, V0 and
     # Q1 up to 3), but the default run (2 threads) has L_recon_layerwise 4.2e-3; Q0 and K0 still
-    # take 4-7 pieces (README: the target most likely needs two at once). 0.3
-    # pushed L_recon to 2e-3; batch 64 x 6000 steps and C 12 were worse.
+    # take 4-7 pieces (README: the target most likely needs two at once). 0.3 pushed L_recon to
+    # 2e-3; batch 64 x 6000 steps and C 12 were worse.
     "cpu": dict(batch_size=32, steps=10_000, C=16, lr=5e-3, beta_layerwise_recon=1.0,
                 beta_minimality=0.2, faithfulness_warmup_steps=400, log_every=500),
 }
@@ -466,7 +466,7 @@ def oracle_kl(target, n=1024, seed=EVAL_SEED + 5, ranks=None, draws=0, basis="sv
     d, S = cfg["d_model"], cfg["max_seq_len"]
     tokens, s1 = make_batch(n, S, cfg["vocab_size"], torch.Generator().manual_seed(seed), device)
     s = spd.SPDModel(target, list(MATRICES.values()), C=d, ci="vector").to(device)
-    inputs = s.target_forward(tokens)[1]
+    target_logits, inputs = s.target_forward(tokens)                  # (n, S, V), {name: (n, S, d)}
     g, b = {}, torch.arange(n, device=device)
     where = {"s1": s1, "m": s1 + 1, "s2": torch.full_like(s1, S - 1)}
     for short, name in MATRICES.items():
@@ -482,7 +482,7 @@ def oracle_kl(target, n=1024, seed=EVAL_SEED + 5, ranks=None, draws=0, basis="sv
         layer.V.copy_(Vh @ inv_root)                                  # ... (Vh[c] Σ^-½)
         g[name] = torch.zeros(n, S, d, device=device)                 # (B, S, C)
         g[name][b, at, :(ranks or {}).get(short, d)] = 1.0
-    target_logits = target(tokens)[:, -1]
+    target_logits = target_logits[:, -1]
     if not draws:
         return spd.kl_divergence(s(tokens, g)[:, -1], target_logits).item()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -1075,17 +1075,19 @@ def test_target_files_without_positions_load_as_output(tmp_path):
     assert loaded.config["positions"] == "output" and torch.equal(loaded(tokens), m(tokens))
 
 
+COMMITTED_TARGET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "induction_target.pt")
+
+
 def test_committed_target_is_table3_and_supports_the_circuit():
     """induction_target.pt: Table 3's recipe with Shortformer positions, solves the task, needs
     the positions on m's query, and the paper's circuit alone nearly reproduces it (oracle KL
     2.0e-4 at n 1024; the issue's aim is 1e-4); a random target's does not."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "induction_target.pt")
-    ckpt = torch.load(path, weights_only=True)
+    ckpt = torch.load(COMMITTED_TARGET, weights_only=True)
     assert {k: ckpt["recipe"][k] for k in ("steps", "batch_size", "lr", "weight_decay", "warmup")} == \
         dict(steps=100_000, batch_size=1024, lr=1e-3, weight_decay=0.01, warmup=1000)
     assert ckpt["step"] == 100_000 and "--train-target" in ckpt["command"]
     assert ckpt["config"]["positions"] == "input"
-    target = induction.load_or_train_target(path, log=lambda *a: None)
+    target = induction.load_or_train_target(COMMITTED_TARGET, log=lambda *a: None)
     assert induction.evaluate_target(target, n=1024) >= 0.99
     mech = induction.mechanism_check(target, n=512)
     assert mech["acc"] >= 0.99 and mech["acc_no_q_pos"] < 0.1
@@ -1100,8 +1102,7 @@ def test_oracle_pieces_on_the_committed_target():
     masks on every piece that is off, the circuit needs two directions of Q0 at m and two of K0
     at s1 on at once (data basis; one: KL > 1e-2) and three of W's singular directions; with
     alpha = 0 where g = 0 instead, one data direction of each is enough. The bases reproduce W."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "induction_target.pt")
-    target = induction.load_or_train_target(path, log=lambda *a: None)
+    target = induction.load_or_train_target(COMMITTED_TARGET, log=lambda *a: None)
     kl = lambda basis, draws, **ranks: induction.oracle_kl(target, 512, ranks=ranks, draws=draws, basis=basis)
     assert abs(kl("data", 0) - kl("svd", 0)) < 1e-6 and kl("svd", 0) < 5e-4   # all d pieces: U V = W
     for m in ("Q0", "K0"):

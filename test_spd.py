@@ -948,9 +948,20 @@ def test_induction_script_smoke(tmp_path, capsys):
     target = induction.load_or_train_target(str(tmp_path / "target.pt"), log=lambda *a: None)
     s, cfg = spd.load(tmp_path / "spd.pt", target)
     assert spd.faithfulness_loss(s).item() == pytest.approx(r["metrics"]["L_faithful"], rel=1e-5)
+    # the per-matrix layerwise KLs average to Eq. 3's loss as spd.reconstruction_losses gives it
+    tokens, _ = induction.make_batch(32, generator=torch.Generator().manual_seed(induction.EVAL_SEED + 3))
+    with torch.no_grad():
+        g = spd.causal_importances(s, tokens)
+        lw = spd.reconstruction_losses(s, tokens, target(tokens), g, [], ["layerwise_recon"], last_token_only=True)
+    assert list(r["layerwise_by_matrix"]) == list(induction.MATRICES)
+    assert r["metrics"]["L_recon_layerwise"] == pytest.approx(lw["layerwise_recon"].item(), rel=1e-5)
     # same seed, same numbers (the target is cached now, so only the decomposition reruns)
     again = induction.main(induction_argv(tmp_path, f"--out_dir={tmp_path}/again"))
     assert again["active"] == r["active"] and again["metrics"] == r["metrics"]
+    # Table 1 again from the saved decomposition: the same sequences give the same table
+    t1 = induction.main(induction_argv(tmp_path, "--table1"))
+    assert t1["active"] == r["active"] and t1["metrics"] == r["metrics"]
+    assert (tmp_path / "table1_32_sequences.json").exists()
     # Figure 2 on the saved decomposition
     fig = induction.main(induction_argv(tmp_path, "--svd-baseline"))
     assert (tmp_path / "figure2.json").exists() and fig["full_rank"] == 6 * 16

@@ -948,13 +948,15 @@ def test_induction_script_smoke(tmp_path, capsys):
     target = induction.load_or_train_target(str(tmp_path / "target.pt"), log=lambda *a: None)
     s, cfg = spd.load(tmp_path / "spd.pt", target)
     assert spd.faithfulness_loss(s).item() == pytest.approx(r["metrics"]["L_faithful"], rel=1e-5)
-    # the per-matrix layerwise KLs average to Eq. 3's loss as spd.reconstruction_losses gives it
+    # L_recon, and the per-matrix layerwise KLs' mean, are the losses spd.reconstruction_losses gives
     tokens, _ = induction.make_batch(32, generator=torch.Generator().manual_seed(induction.EVAL_SEED + 3))
     with torch.no_grad():
         g = spd.causal_importances(s, tokens)
-        lw = spd.reconstruction_losses(s, tokens, target(tokens), g, [], ["layerwise_recon"], last_token_only=True)
+        rec = spd.reconstruction_losses(s, tokens, target(tokens), g, [], ["recon", "layerwise_recon"],
+                                        last_token_only=True)
     assert list(r["layerwise_by_matrix"]) == list(induction.MATRICES)
-    assert r["metrics"]["L_recon_layerwise"] == pytest.approx(lw["layerwise_recon"].item(), rel=1e-5)
+    assert r["metrics"]["L_recon"] == pytest.approx(rec["recon"].item(), rel=1e-5)
+    assert r["metrics"]["L_recon_layerwise"] == pytest.approx(rec["layerwise_recon"].item(), rel=1e-5)
     # same seed, same numbers (the target is cached now, so only the decomposition reruns)
     again = induction.main(induction_argv(tmp_path, f"--out_dir={tmp_path}/again"))
     assert again["active"] == r["active"] and again["metrics"] == r["metrics"]

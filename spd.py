@@ -595,6 +595,8 @@ class Config:
     ci_causal: bool = True                    # attention CI: causal mask (the paper is silent)
     beta_faithfulness: float = 1000.0         # β of each loss (Table 4 / A.3.1)
     beta_minimality: float = 0.02
+    minimality_decay_from: float = 1.0        # ours, not Table 4: from this fraction of the run
+    beta_minimality_final: float = 0.0        # on (1: never), β_minimality falls linearly to this
     beta_recon: float = 0.5
     beta_stochastic_recon: float = 1.0
     beta_layerwise_recon: float = 0.0
@@ -658,7 +660,8 @@ CONFIG_RULES = {  # field -> (allowed?, what is allowed) for every non-bool fiel
     "n_mask_samples": _at_least(1),
     **{f"beta_{n}": _NONNEGATIVE for n in ["faithfulness", "minimality", "recon",
        "stochastic_recon", "layerwise_recon", "stochastic_layerwise_recon", "partial_recon",
-       "stochastic_partial_recon"]},
+       "stochastic_partial_recon", "minimality_final"]},
+    "minimality_decay_from": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     "p_start": (lambda v: 0 < v <= 2, "in (0, 2]"), "p_final": (lambda v: 0 < v <= 2, "in (0, 2]"),
     "steps": _at_least(1), "batch_size": _at_least(1), "optimizer": _one_of("adam", "adamw"), "lr": _POSITIVE,
     "weight_decay": _NONNEGATIVE, "lr_schedule": _one_of("constant", "cosine"),
@@ -682,6 +685,15 @@ def minimality_p(cfg, step):
     """p annealed linearly from p_start to p_final over the run. With step a 0-dim tensor, p is
     one too, so a compiled training_step is compiled once, not once per value of p."""
     return cfg.p_start + (cfg.p_final - cfg.p_start) * step / max(cfg.steps - 1, 1)
+
+
+def beta_minimality_at(cfg, step):
+    """β_minimality, constant up to step t0 = minimality_decay_from · steps, then linear to
+    beta_minimality_final at the last step (a tensor for a tensor step, like minimality_p)."""
+    t0 = int(cfg.minimality_decay_from * cfg.steps)
+    step = step.clamp(min=t0) if torch.is_tensor(step) else max(step, t0)
+    return cfg.beta_minimality + (cfg.beta_minimality_final - cfg.beta_minimality) * (step - t0) \
+        / max(cfg.steps - 1 - t0, 1)
 
 
 def lr_at(cfg, step):
@@ -714,7 +726,8 @@ def training_step(spd, x, cfg, step, weight=None):
     terms["faithfulness"] = faithfulness_loss(spd)
     terms["minimality"] = importance_minimality_loss_fused(pre, minimality_p(cfg, step), weight)
     # 5) L = Σ_k β_k L_k
-    total = sum(getattr(cfg, "beta_" + n) * v for n, v in terms.items())
+    beta = {n: getattr(cfg, "beta_" + n) for n in terms} | {"minimality": beta_minimality_at(cfg, step)}
+    total = sum(beta[n] * v for n, v in terms.items())
     return total, terms, g
 
 
@@ -827,8 +840,7 @@ def orthogonal_projection(W, u, v):
             or v.shape[1] != W.shape[1]:
         raise SPDError(f"orthogonal_projection needs W (d_out, d_in), u (k, d_out), v (k, d_in); "
                        f"got W {tuple(W.shape)}, u {tuple(u.shape)}, v {tuple(v.shape)}")
-    u = u / u.norm(dim=1, keepdim=True)
-    v = v / v.norm(dim=1, keepdim=True)
+    u, v = u / u.norm(dim=1, keepdim=True), v / v.norm(dim=1, keepdim=True)
     coef = torch.einsum("ko,oi,ki->k", u, W, v)                 # û_kᵀ W v̂_k
     return W - torch.einsum("k,ko,ki->oi", coef, u, v)          # (d_out, d_in)
 
@@ -977,10 +989,6 @@ def mean_l0(g, weight=None, threshold=0.0):
 
 def active_subcomponents(g, threshold=0.0, weight=None):
     """{layer: sorted subcomponent indices with g > threshold somewhere (where weight > 0)}."""
-    out = {}
-    for n, v in g.items():
-        on = v > threshold                                      # (B, S, C)
-        if weight is not None:
-            on = on & (weight[..., None] > 0)
-        out[n] = on.flatten(0, -2).any(0).nonzero().flatten().tolist()
-    return out
+    keep = True if weight is None else weight[..., None] > 0
+    return {n: ((v > threshold) & keep).flatten(0, -2).any(0).nonzero().flatten().tolist()
+            for n, v in g.items()}                             # v (B, S, C)

@@ -283,13 +283,13 @@ def test_ctrl_c_in_faithfulness_warmup_is_one_line(monkeypatch):
 
 
 def test_compiled_step_compiles_once(monkeypatch):
-    """With step passed as a tensor (what train does with --compile=true), p is a tensor and
-    torch.compile traces the step once for every step, instead of once per value of p."""
+    """With step passed as a tensor (what train does with --compile=true), p and β_minimality
+    are tensors and torch.compile traces the step once for every step, not once per value."""
     import torch._dynamo
     torch._dynamo.reset()
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     s = spd.SPDModel(tiny(), "blocks.*.attn.*", C=4, ci="vector", d_gate=4)
-    cfg = spd.Config(ci="vector")
+    cfg = spd.Config(ci="vector", steps=3, minimality_decay_from=0.3)  # p and β_minimality move
     x = torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(0))
     step = torch.compile(spd.training_step, backend="eager")
     for i in range(3):                                          # raises if it recompiles
@@ -467,6 +467,16 @@ def test_lr_schedule_and_p_annealing():
     assert spd.lr_at(cfg, 55) == pytest.approx(math.cos(math.pi / 4))  # halfway: cos(π/4), not 0.5
     assert spd.minimality_p(cfg, 0) == 0.9 and spd.minimality_p(cfg, 100) == pytest.approx(0.1)
     assert spd.minimality_p(cfg, 50) == pytest.approx(0.5)
+    assert spd.beta_minimality_at(cfg, 100) == 0.02                     # default: constant
+    cfg = spd.Config(steps=101, beta_minimality=0.2, minimality_decay_from=0.5, beta_minimality_final=0.02)
+    at = [spd.beta_minimality_at(cfg, t) for t in range(101)]
+    assert at[:51] == [0.2] * 51 and at[75] == pytest.approx(0.11) and at[100] == pytest.approx(0.02)
+    assert [spd.beta_minimality_at(cfg, torch.tensor(t)).item() for t in (0, 75, 100)] \
+        == pytest.approx([at[0], at[75], at[100]])
+    s = spd.SPDModel(tiny(), "blocks.0.attn.q_proj", C=4, ci="vector", d_gate=4)
+    total, terms, _ = spd.training_step(s, torch.randint(0, 11, (2, 6)), cfg, 100)
+    assert total.item() == pytest.approx(sum((0.02 if n == "minimality" else getattr(cfg, "beta_" + n))
+                                             * v.item() for n, v in terms.items()), rel=1e-6)
 
 
 # -----------------------------------------------------------------------------
@@ -1068,10 +1078,11 @@ def test_induction_presets():
     cpu, _ = induction.parse_config([])
     assert {k: getattr(paper, k) for k in table4} == table4
     assert paper.beta_layerwise_recon == 0 and paper.faithfulness_warmup_steps == 0
+    assert paper.minimality_decay_from == 1                              # β_minimality constant
     changed = {f.name for f in dataclasses.fields(spd.Config)            # the decomposition's
                if getattr(cpu, f.name) != getattr(paper, f.name)}        # (not the target's)
     assert changed == {"batch_size", "steps", "C", "lr", "beta_layerwise_recon", "beta_minimality",
-                       "faithfulness_warmup_steps"}
+                       "minimality_decay_from", "beta_minimality_final", "faithfulness_warmup_steps"}
 
 
 def test_target_files_without_positions_load_as_output(tmp_path):

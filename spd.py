@@ -191,15 +191,14 @@ class SPDModel(nn.Module):
     def masked(self, masks):
         """Inside, self.model(...) runs with {name: alpha} (or {name: (alpha, rows)}) set; use it
         to call the model with its own arguments, e.g. to read attention patterns."""
-        masks = {n: m if isinstance(m, tuple) else (m, None) for n, m in masks.items()}
         self._check_names(masks)
-        for name, (alpha, _) in masks.items():
-            if alpha.shape[-1] != self.spec["C"]:
-                raise SPDError(f"mask for {name!r} has shape {tuple(alpha.shape)}; its last "
-                               f"dimension must be C = {self.spec['C']}")
-        for name, m in masks.items():
-            self.layers[name].mask = m
         try:
+            for name, m in masks.items():
+                alpha, rows = m if isinstance(m, tuple) else (m, None)
+                if alpha.shape[-1] != self.spec["C"]:
+                    raise SPDError(f"mask for {name!r} has shape {tuple(alpha.shape)}; its last "
+                                   f"dimension must be C = {self.spec['C']}")
+                self.layers[name].mask = (alpha, rows)
             yield self.model
         finally:
             for layer in self.layers.values():
@@ -543,11 +542,9 @@ def stochastic_layerwise_recon_masks(g, R):
 
 
 def random_layer_subset(names):
-    """A uniformly random non-empty subset M of the layers (Eq. 5-6)."""
-    while True:
-        keep = torch.rand(len(names)) < 0.5
-        if keep.any():
-            return [n for n, k in zip(names, keep) if k]
+    """A uniformly random non-empty subset M of the layers (Eq. 5-6): bit i of k in [1, 2^L)."""
+    k = torch.randint(1, 2 ** len(names), ()).item()
+    return [n for i, n in enumerate(names) if k >> i & 1]
 
 
 def partial_recon_masks(g, R):
@@ -621,7 +618,8 @@ class Config:
     checkpoint_every: int = 1000              # steps between checkpoints (0: only on Ctrl-C)
     resume: bool = False                      # continue the run saved in the checkpoint
     device: str = "cpu"
-    compile: bool = False                     # torch.compile the step (meant for CUDA; no gain on a CPU)
+    compile: bool = False                     # torch.compile the step (for CUDA; on a CPU not
+                                              # reproducible run to run: README, speed)
 
 
 def apply_overrides(cfg, args):
@@ -645,14 +643,8 @@ def apply_overrides(cfg, args):
     return cfg
 
 
-def _at_least(lo):
-    return lambda v: v >= lo, f">= {lo}"
-
-
-def _one_of(*names):
-    return lambda v: v in names, "one of " + ", ".join(names)
-
-
+_at_least = lambda lo: (lambda v: v >= lo, f">= {lo}")
+_one_of = lambda *names: (lambda v: v in names, "one of " + ", ".join(names))
 _POSITIVE = (lambda v: 0 < v < math.inf, "> 0 and finite")
 _NONNEGATIVE = (lambda v: 0 <= v < math.inf, ">= 0 and finite")
 CONFIG_RULES = {  # field -> (allowed?, what is allowed) for every non-bool field of Config
@@ -922,12 +914,13 @@ def _restore(spd, path, ckpt):
     spd.load_state_dict({k: v.to(dev) for k, v in ckpt["state"].items()}, strict=False)
 
 
-def save(spd, path, config=None):
-    """One file: U, V, the CI parameters, the SPDModel spec, a config and the target's identity."""
+def save(spd, path, config=None, **more):
+    """One file: U, V, the CI parameters, the SPDModel spec, a config, the target's identity
+    (and `more`: save_checkpoint's optimizer, step and random states)."""
     if dataclasses.is_dataclass(config):
         config = dataclasses.asdict(config)
     atomic_save({"format": FORMAT, "spec": spd.spec, "config": config or {},
-                 "identity": target_identity(spd), "state": _trained_state(spd)}, path)
+                 "identity": target_identity(spd), "state": _trained_state(spd), **more}, path)
 
 
 def load(path, target):
@@ -944,11 +937,10 @@ RUN_ONLY = {"resume", "log_every", "checkpoint_every", "threads", "device", "out
 
 def save_checkpoint(path, spd, opt, cfg, step, history, data_rng=None):
     """Everything a run needs to continue exactly after `step` steps."""
-    atomic_save({"format": FORMAT, "step": step, "history": history, "identity": target_identity(spd),
-                 "config": dataclasses.asdict(cfg), "optimizer": opt.state_dict(),
-                 "state": _trained_state(spd), "rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                 "data_rng": data_rng.get_state() if data_rng is not None else None}, path)
+    save(spd, path, cfg, step=step, history=history, optimizer=opt.state_dict(),
+         rng=torch.get_rng_state(),
+         cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+         data_rng=data_rng.get_state() if data_rng is not None else None)
 
 
 def load_checkpoint(path, spd, opt, cfg, data_rng=None):

@@ -542,9 +542,11 @@ def stochastic_layerwise_recon_masks(g, R):
 
 
 def random_layer_subset(names):
-    """A uniformly random non-empty subset M of the layers (Eq. 5-6): bit i of k in [1, 2^L)."""
-    k = torch.randint(1, 2 ** len(names), ()).item()
-    return [n for i, n in enumerate(names) if k >> i & 1]
+    """A uniformly random non-empty subset M of the layers (Eq. 5-6)."""
+    while True:
+        keep = torch.rand(len(names)) < 0.5
+        if keep.any():
+            return [n for n, k in zip(names, keep) if k]
 
 
 def partial_recon_masks(g, R):

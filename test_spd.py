@@ -429,6 +429,8 @@ def test_partial_subsets_are_random_nonempty():
     names = ["a", "b", "c"]
     seen = {tuple(spd.random_layer_subset(names)) for _ in range(300)}
     assert len(seen) == 7 and () not in seen  # all 2^3 - 1 non-empty subsets occur
+    many = [f"l{i}" for i in range(100)]      # more layers than bits in an int64
+    assert 0 < len(spd.random_layer_subset(many)) <= 100
     g = {n: torch.rand(1, 2, 3) for n in names}
     sets = spd.stochastic_partial_recon_masks(g, [g, g, g])
     assert len(sets) == 3 and all(0 < len(m) <= 3 for m in sets)

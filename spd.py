@@ -515,32 +515,6 @@ class _MinimalityTerm(torch.autograd.Function):
         return grad * ctx.saved_tensors[0], None
 
 
-# Every reconstruction loss is the mean of KL(f(x | W) || f(x | masked weights)) over a list of
-# mask sets; a mask set names the layers it replaces, the others stay the target. These six
-# functions build the lists; `reconstruction_losses` runs all of them in one forward.
-# g: {layer: (B, S, C)} causal importances; R: S samples of {layer: alpha (B, S, C)}.
-
-def recon_masks(g, R):
-    """L_recon (Sec. 4): every layer masked by its causal importance, masks = g."""
-    return [g]
-
-
-def stochastic_recon_masks(g, R):
-    """Eq. 2: L_stochastic_recon, every layer masked by the s-th sample r^(s), s = 1..S."""
-    return list(R)
-
-
-def layerwise_recon_masks(g, R):
-    """Eq. 3 with masks = g: one layer at a time replaced, the others the target (L terms)."""
-    return [{n: g[n]} for n in g]
-
-
-def stochastic_layerwise_recon_masks(g, R):
-    """Eq. 3: L_stochastic_recon_layerwise, layer l masked by r^(l,s), the others the target;
-    averaged over l and s (L·S terms)."""
-    return [{n: r[n]} for r in R for n in r]
-
-
 def random_layer_subset(names):
     """A uniformly random non-empty subset M of the layers (Eq. 5-6)."""
     while True:
@@ -549,21 +523,25 @@ def random_layer_subset(names):
             return [n for n, k in zip(names, keep) if k]
 
 
-def partial_recon_masks(g, R):
-    """Eq. 5: L_recon_partial, the layers of one random non-empty subset M masked by g."""
-    return [{n: g[n] for n in random_layer_subset(list(g))}]
-
-
-def stochastic_partial_recon_masks(g, R):
-    """Eq. 6: L_stochastic_recon_partial, per sample s a fresh subset M^(s) masked by r^(s)."""
-    return [{n: r[n] for n in random_layer_subset(list(r))} for r in R]
-
-
-RECONSTRUCTIONS = {"recon": recon_masks, "stochastic_recon": stochastic_recon_masks,
-                   "layerwise_recon": layerwise_recon_masks,
-                   "stochastic_layerwise_recon": stochastic_layerwise_recon_masks,
-                   "partial_recon": partial_recon_masks,
-                   "stochastic_partial_recon": stochastic_partial_recon_masks}
+# Every reconstruction loss is the mean of KL(f(x | W) || f(x | masked weights)) over a list of
+# mask sets; a mask set names the layers it replaces, the others stay the target. Each entry
+# builds its list from g, {layer: (B, S, C)} causal importances, and R, S samples of
+# {layer: alpha (B, S, C)}; `reconstruction_losses` runs all of them in one forward.
+RECONSTRUCTIONS = {
+    # L_recon (Sec. 4): every layer masked by its causal importance, masks = g
+    "recon": lambda g, R: [g],
+    # Eq. 2: every layer masked by the s-th sample r^(s), s = 1..S
+    "stochastic_recon": lambda g, R: list(R),
+    # Eq. 3 with masks = g: one layer at a time replaced, the others the target (L sets)
+    "layerwise_recon": lambda g, R: [{n: g[n]} for n in g],
+    # Eq. 3: layer l masked by r^(l,s), the others the target (L·S sets)
+    "stochastic_layerwise_recon": lambda g, R: [{n: r[n]} for r in R for n in r],
+    # Eq. 5: the layers of one random non-empty subset M masked by g
+    "partial_recon": lambda g, R: [{n: g[n] for n in random_layer_subset(list(g))}],
+    # Eq. 6: per sample s a fresh subset M^(s) masked by r^(s)
+    "stochastic_partial_recon": lambda g, R: [{n: r[n] for n in random_layer_subset(list(r))}
+                                              for r in R],
+}
 
 
 def reconstruction_losses(spd, x, target_logits, g, R, names, weight=None, last_token_only=False):
@@ -620,8 +598,7 @@ class Config:
     checkpoint_every: int = 1000              # steps between checkpoints (0: only on Ctrl-C)
     resume: bool = False                      # continue the run saved in the checkpoint
     device: str = "cpu"
-    compile: bool = False                     # torch.compile the step (for CUDA; on a CPU not
-                                              # reproducible run to run: README, speed)
+    compile: bool = False                     # torch.compile the step (README, speed)
 
 
 def apply_overrides(cfg, args):
@@ -773,14 +750,20 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
     step_fn = torch.compile(training_step) if cfg.compile else training_step
     t0, stop = time.time(), []
     save_now = lambda step: checkpoint and save_checkpoint(checkpoint, spd, opt, cfg, step, history, data_rng)
-    with _on_interrupt(lambda: stop.append(True)):
+    with _on_interrupt(lambda: stop.append(True)), _deterministic(cfg.compile):
         bar = tqdm(range(first, cfg.steps), desc="SPD", mininterval=1.0, leave=False, disable=None)
         for step in bar:
             batch = next_batch()
             x, weight = batch if isinstance(batch, tuple) else (batch, None)
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step)
-            total, terms, g = step_fn(spd, x, cfg, torch.tensor(step) if cfg.compile else step, weight)
+            try:
+                total, terms, g = step_fn(spd, x, cfg, torch.tensor(step) if cfg.compile else step, weight)
+            except Exception as e:  # e.g. inductor finds no C++ compiler: one line, not its traceback
+                if not (cfg.compile and type(e).__module__.startswith(("torch._inductor", "torch._dynamo"))):
+                    raise
+                raise SPDError(f"torch.compile failed ({str(e).splitlines()[0][:150]}); "
+                               f"run with --compile=false") from None
             if not torch.isfinite(total):
                 bad = next((k for k, v in terms.items() if not torch.isfinite(v)), "total")
                 raise SPDError(f"step {step}: the loss term {bad} is {terms.get(bad, total).item()}; "
@@ -806,6 +789,20 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
     assert all(torch.equal(p, frozen[n]) for n, p in spd.named_parameters() if n in frozen), \
         "the target's parameters changed"
     return history
+
+
+@contextlib.contextmanager
+def _deterministic(on):
+    """Inside, torch.use_deterministic_algorithms(True, warn_only=True) if on. A compiled step
+    needs it to repeat exactly: inductor's CPU kernels otherwise sum some gradients (of the
+    attention CI's relative bias) with atomic adds, in a different order every run."""
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if on and not was[0]:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
 
 
 @contextlib.contextmanager
@@ -900,12 +897,6 @@ def read_file(path, what, fix, keys=()):
     return ckpt
 
 
-def _trained_state(spd):
-    """U, V and the CI parameters (the frozen target is not saved)."""
-    keep = {n for n, p in spd.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu() for k, v in spd.state_dict().items() if k in keep}
-
-
 def _restore(spd, path, ckpt):
     mine = target_identity(spd)
     for name, (shape, digest) in ckpt["identity"].items():
@@ -921,8 +912,9 @@ def save(spd, path, config=None, **more):
     (and `more`: save_checkpoint's optimizer, step and random states)."""
     if dataclasses.is_dataclass(config):
         config = dataclasses.asdict(config)
+    state = {n: p.detach().cpu() for n, p in spd.named_parameters() if p.requires_grad}  # not the target
     atomic_save({"format": FORMAT, "spec": spd.spec, "config": config or {},
-                 "identity": target_identity(spd), "state": _trained_state(spd), **more}, path)
+                 "identity": target_identity(spd), "state": state, **more}, path)
 
 
 def load(path, target):

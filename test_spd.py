@@ -300,6 +300,62 @@ def test_compiled_step_compiles_once(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_compiled_gradient_repeats_exactly_under_deterministic():
+    """Inductor (2 threads) sums the relative bias's gradient with atomic adds: without the
+    guard train puts around a compiled run, 9 of 9 repeats differed from the first here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        f = torch.compile(spd.ci_attention)
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(8, 64, 8, generator=gen) for _ in range(3))
+
+        def grad():
+            r = torch.zeros(127, requires_grad=True)
+            f(q, k, v, r).square().sum().backward()
+            return r.grad
+        with spd._deterministic(True):
+            first = grad()
+            assert all(torch.equal(first, grad()) for _ in range(5))
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.are_deterministic_algorithms_enabled()      # the guard restores the flag
+
+
+def test_train_compiles_under_the_deterministic_guard(monkeypatch):
+    """--compile=true: train runs the compiled step with deterministic algorithms on (and
+    turns them off after); uncompiled steps leave the flag alone."""
+    seen, training_step = [], spd.training_step
+
+    def step(*args):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return training_step(*args)
+    monkeypatch.setattr(spd, "training_step", step)
+    monkeypatch.setattr(torch, "compile", lambda f: f)
+    s = spd.SPDModel(tiny(), "blocks.*.attn.*", C=4, ci="vector", d_gate=4)
+    for compile in (True, False):
+        cfg = spd.Config(ci="vector", steps=2, compile=compile)
+        spd.train(s, cfg, lambda: torch.randint(0, 11, (2, 6)), log=lambda *a: None)
+    assert seen == [True, True, False, False] and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_a_failing_compile_is_one_line(monkeypatch):
+    """Inductor without a C++ compiler raises deep inside torch; train says what to do."""
+    Failed = type("InductorError", (RuntimeError,), {"__module__": "torch._inductor.exc"})
+
+    def broken(*args):
+        raise Failed("InvalidCxxCompiler: No working C++ compiler found\n(more lines)")
+    monkeypatch.setattr(torch, "compile", lambda f: broken)
+    s = spd.SPDModel(tiny(), "blocks.*.attn.*", C=4, ci="vector", d_gate=4)
+    cfg = spd.Config(ci="vector", steps=2, compile=True)
+    with pytest.raises(spd.SPDError, match=r"torch.compile failed \(InvalidCxxCompiler: No working C\+\+ "
+                                           r"compiler found\); run with --compile=false$"):
+        spd.train(s, cfg, lambda: torch.randint(0, 11, (2, 6)), log=lambda *a: None)
+    monkeypatch.setattr(torch, "compile", lambda f: lambda *a: 1 / 0)   # not inductor's: raised as is
+    with pytest.raises(ZeroDivisionError):
+        spd.train(s, cfg, lambda: torch.randint(0, 11, (2, 6)), log=lambda *a: None)
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_fallback_equals_flex(causal):
@@ -432,7 +488,7 @@ def test_partial_subsets_are_random_nonempty():
     many = [f"l{i}" for i in range(100)]      # more layers than bits in an int64
     assert 0 < len(spd.random_layer_subset(many)) <= 100
     g = {n: torch.rand(1, 2, 3) for n in names}
-    sets = spd.stochastic_partial_recon_masks(g, [g, g, g])
+    sets = spd.RECONSTRUCTIONS["stochastic_partial_recon"](g, [g, g, g])
     assert len(sets) == 3 and all(0 < len(m) <= 3 for m in sets)
 
 

@@ -747,7 +747,7 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
                 f"L_faithful {faithfulness_warmup(spd, cfg):.2e}")
         except KeyboardInterrupt:
             raise SPDError("interrupted during the faithfulness warm-up; nothing saved") from None
-    step_fn = torch.compile(training_step) if cfg.compile else training_step
+    step_fn = _compiled(training_step) if cfg.compile else training_step
     t0, stop = time.time(), []
     save_now = lambda step: checkpoint and save_checkpoint(checkpoint, spd, opt, cfg, step, history, data_rng)
     with _on_interrupt(lambda: stop.append(True)), _deterministic(cfg.compile):
@@ -757,13 +757,7 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
             x, weight = batch if isinstance(batch, tuple) else (batch, None)
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step)
-            try:
-                total, terms, g = step_fn(spd, x, cfg, torch.tensor(step) if cfg.compile else step, weight)
-            except Exception as e:  # e.g. inductor finds no C++ compiler: one line, not its traceback
-                if not (cfg.compile and type(e).__module__.startswith(("torch._inductor", "torch._dynamo"))):
-                    raise
-                raise SPDError(f"torch.compile failed ({str(e).splitlines()[0][:150]}); "
-                               f"run with --compile=false") from None
+            total, terms, g = step_fn(spd, x, cfg, torch.tensor(step) if cfg.compile else step, weight)
             if not torch.isfinite(total):
                 bad = next((k for k, v in terms.items() if not torch.isfinite(v)), "total")
                 raise SPDError(f"step {step}: the loss term {bad} is {terms.get(bad, total).item()}; "
@@ -791,12 +785,27 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
     return history
 
 
+def _compiled(fn):
+    """torch.compile(fn); inductor's failures (e.g. no C++ compiler) end in one line."""
+    from torch._inductor.exc import InductorError
+    compiled = torch.compile(fn)
+
+    def run(*args):
+        try:
+            return compiled(*args)
+        except InductorError as e:                             # "InvalidCxxCompiler: ..."
+            raise SPDError(f"torch.compile failed ({str(e).splitlines()[0][:150]}); "
+                           f"run with --compile=false") from e
+    return run
+
+
 @contextlib.contextmanager
 def _deterministic(on):
-    """Inside, torch.use_deterministic_algorithms(True, warn_only=True) if on. A compiled step
+    """Inside, deterministic algorithms (warn_only unless already strict) if on. A compiled step
     needs it to repeat exactly: inductor's CPU kernels otherwise sum some gradients (of the
     attention CI's relative bias) with atomic adds, in a different order every run."""
-    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    was = (torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled())
     if on and not was[0]:
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
@@ -912,7 +921,7 @@ def save(spd, path, config=None, **more):
     (and `more`: save_checkpoint's optimizer, step and random states)."""
     if dataclasses.is_dataclass(config):
         config = dataclasses.asdict(config)
-    state = {n: p.detach().cpu() for n, p in spd.named_parameters() if p.requires_grad}  # not the target
+    state = {n: p.detach().cpu() for n, p in spd.named_parameters() if p.requires_grad}  # no target
     atomic_save({"format": FORMAT, "spec": spd.spec, "config": config or {},
                  "identity": target_identity(spd), "state": state, **more}, path)
 

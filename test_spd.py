@@ -301,9 +301,10 @@ def test_compiled_step_compiles_once(monkeypatch):
 
 
 def test_compiled_gradient_repeats_exactly_under_deterministic():
-    """Inductor (2 threads) sums the relative bias's gradient with atomic adds: without the
-    guard train puts around a compiled run, 9 of 9 repeats differed from the first here."""
-    threads = torch.get_num_threads()
+    """Without the guard train puts around a compiled run, 9 of 9 repeats of this gradient
+    (inductor, 2 threads) differed from the first here."""
+    from torch._inductor.exc import InductorError
+    threads, was = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(2)
     try:
         f = torch.compile(spd.ci_attention)
@@ -315,11 +316,16 @@ def test_compiled_gradient_repeats_exactly_under_deterministic():
             f(q, k, v, r).square().sum().backward()
             return r.grad
         with spd._deterministic(True):
-            first = grad()
+            assert torch.are_deterministic_algorithms_enabled()
+            try:
+                first = grad()
+            except InductorError as e:                          # e.g. no C++ compiler here
+                pytest.skip(f"inductor cannot compile here: {str(e).splitlines()[0]}")
             assert all(torch.equal(first, grad()) for _ in range(5))
     finally:
         torch.set_num_threads(threads)
-    assert not torch.are_deterministic_algorithms_enabled()      # the guard restores the flag
+        torch._dynamo.reset()
+    assert torch.are_deterministic_algorithms_enabled() == was   # the guard restores the flag
 
 
 def test_train_compiles_under_the_deterministic_guard(monkeypatch):
@@ -341,17 +347,17 @@ def test_train_compiles_under_the_deterministic_guard(monkeypatch):
 
 def test_a_failing_compile_is_one_line(monkeypatch):
     """Inductor without a C++ compiler raises deep inside torch; train says what to do."""
-    Failed = type("InductorError", (RuntimeError,), {"__module__": "torch._inductor.exc"})
+    from torch._inductor.exc import InductorError
 
     def broken(*args):
-        raise Failed("InvalidCxxCompiler: No working C++ compiler found\n(more lines)")
+        raise InductorError(RuntimeError("No working C++ compiler found\n(more lines)"), None)
     monkeypatch.setattr(torch, "compile", lambda f: broken)
     s = spd.SPDModel(tiny(), "blocks.*.attn.*", C=4, ci="vector", d_gate=4)
     cfg = spd.Config(ci="vector", steps=2, compile=True)
-    with pytest.raises(spd.SPDError, match=r"torch.compile failed \(InvalidCxxCompiler: No working C\+\+ "
+    with pytest.raises(spd.SPDError, match=r"torch.compile failed \(RuntimeError: No working C\+\+ "
                                            r"compiler found\); run with --compile=false$"):
         spd.train(s, cfg, lambda: torch.randint(0, 11, (2, 6)), log=lambda *a: None)
-    monkeypatch.setattr(torch, "compile", lambda f: lambda *a: 1 / 0)   # not inductor's: raised as is
+    monkeypatch.setattr(torch, "compile", lambda f: lambda *a: 1 / 0)   # not the backend's: as is
     with pytest.raises(ZeroDivisionError):
         spd.train(s, cfg, lambda: torch.randint(0, 11, (2, 6)), log=lambda *a: None)
 

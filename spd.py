@@ -747,7 +747,7 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
                 f"L_faithful {faithfulness_warmup(spd, cfg):.2e}")
         except KeyboardInterrupt:
             raise SPDError("interrupted during the faithfulness warm-up; nothing saved") from None
-    step_fn = _compiled(training_step) if cfg.compile else training_step
+    step_fn = _compiled_step() if cfg.compile else training_step
     t0, stop = time.time(), []
     save_now = lambda step: checkpoint and save_checkpoint(checkpoint, spd, opt, cfg, step, history, data_rng)
     with _on_interrupt(lambda: stop.append(True)), _deterministic(cfg.compile):
@@ -757,7 +757,7 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
             x, weight = batch if isinstance(batch, tuple) else (batch, None)
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step)
-            total, terms, g = step_fn(spd, x, cfg, torch.tensor(step) if cfg.compile else step, weight)
+            total, terms, g = step_fn(spd, x, cfg, step, weight)
             if not torch.isfinite(total):
                 bad = next((k for k, v in terms.items() if not torch.isfinite(v)), "total")
                 raise SPDError(f"step {step}: the loss term {bad} is {terms.get(bad, total).item()}; "
@@ -785,14 +785,15 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
     return history
 
 
-def _compiled(fn):
-    """torch.compile(fn); inductor's failures (e.g. no C++ compiler) end in one line."""
+def _compiled_step():
+    """training_step through torch.compile, with step as a tensor (one graph for every step);
+    inductor's failures (e.g. no C++ compiler) end in one line."""
     from torch._inductor.exc import InductorError
-    compiled = torch.compile(fn)
+    compiled = torch.compile(training_step)
 
-    def run(*args):
+    def run(spd, x, cfg, step, weight=None):
         try:
-            return compiled(*args)
+            return compiled(spd, x, cfg, torch.tensor(step), weight)
         except InductorError as e:                             # "InvalidCxxCompiler: ..."
             raise SPDError(f"torch.compile failed ({str(e).splitlines()[0][:150]}); "
                            f"run with --compile=false") from e

@@ -616,6 +616,7 @@ def run(cfg):
     Returns the results dict."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    spd.keep_freed_memory()  # fewer page faults per step (README, speed); process-wide
     torch.manual_seed(cfg.seed)
     t_start, device = time.time(), torch.device(cfg.device)
     os.makedirs(cfg.out_dir, exist_ok=True)

@@ -812,6 +812,7 @@ def main(argv):
     cfg, preset = parse_config([a for a in argv if a not in modes])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    spd.keep_freed_memory()  # fewer page faults per step (README, speed); process-wide
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     os.makedirs(cfg.out_dir, exist_ok=True)

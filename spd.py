@@ -24,6 +24,7 @@ Run `python induction.py` (Table 1) or `python gpt2_facts.py --model=tiny`. Only
 """
 import contextlib
 import copy
+import ctypes
 import dataclasses
 import fnmatch
 import hashlib
@@ -692,8 +693,7 @@ def training_step(spd, x, cfg, step, weight=None):
     R = [{n: sample_masks(v) for n, v in g.items()} for _ in range(cfg.n_mask_samples)]
     # 4) the decomposed model under all masks of all reconstruction losses, in one forward
     names = [n for n in RECONSTRUCTIONS if getattr(cfg, "beta_" + n) != 0]
-    terms = reconstruction_losses(spd, x, target_logits, g, R, names, weight,
-                                  cfg.last_token_only)
+    terms = reconstruction_losses(spd, x, target_logits, g, R, names, weight, cfg.last_token_only)
     terms["faithfulness"] = faithfulness_loss(spd)
     terms["minimality"] = importance_minimality_loss_fused(pre, minimality_p(cfg, step), weight)
     # 5) L = Σ_k β_k L_k
@@ -771,7 +771,6 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
                        "it/s": (step + 1 - first) / (time.time() - t0)}
                 history.append(row)
                 l0 = " ".join(f"{v:.1f}" for v in row["L0"].values())
-                bar.set_postfix_str(" ".join(f"{k}={row[k]:.2e}" for k in terms) + f" L0={l0}")
                 log(f"step {step:6d} | " + " ".join(f"{k} {row[k]:.2e}" for k in ["total", *terms])
                     + f" | L0 {l0} | {row['it/s']:.1f} it/s")
             if stop:
@@ -828,6 +827,16 @@ def _on_interrupt(handler):
     finally:
         if main:
             signal.signal(signal.SIGINT, old)
+
+
+def keep_freed_memory():
+    """glibc's malloc keeps freed memory for reuse, so a step's new tensors are not page-faulted
+    in afresh (README, speed). Process-wide, for good; True if glibc took both settings."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")                       # -3 M_MMAP_, -1 M_TRIM_THRESHOLD
+        return bool(libc.mallopt(-3, 32 << 20) and libc.mallopt(-1, 1 << 30))
+    except (OSError, AttributeError):                          # not glibc: macOS, Windows, musl
+        return False
 
 
 # -----------------------------------------------------------------------------

@@ -830,10 +830,10 @@ def _on_interrupt(handler):
 
 
 def keep_freed_memory():
-    """glibc's malloc keeps freed memory for reuse, so a step's new tensors are not page-faulted
-    in afresh (README, speed). Process-wide, for good; True if glibc took both settings."""
+    """glibc keeps freed memory (mmap threshold 32 MB, the most glibc < 2.35 takes; trim threshold
+    1 GB), so new tensors are not page-faulted in afresh (README, speed); process-wide. True if set."""
     try:
-        libc = ctypes.CDLL("libc.so.6")                       # -3 M_MMAP_, -1 M_TRIM_THRESHOLD
+        libc = ctypes.CDLL("libc.so.6")           # mallopt: -3 M_MMAP_THRESHOLD, -1 M_TRIM_THRESHOLD
         return bool(libc.mallopt(-3, 32 << 20) and libc.mallopt(-1, 1 << 30))
     except (OSError, AttributeError):                          # not glibc: macOS, Windows, musl
         return False

@@ -320,26 +320,16 @@ class _ChunkedGamma(torch.autograd.Function):
         return None, gx, gW1, gb1, gW2, grad.sum(0)
 
 
-class ScalarCI(nn.Module):
-    """γ_c on the inner activation V_c x (a scalar per subcomponent), as in SPD."""
+class MLPCI(nn.Module):
+    """γ_c on the inner activation V_c x (scalar: a number per subcomponent) or on the layer
+    input x (vector), as in SPD."""
 
-    def __init__(self, C, H):
+    def __init__(self, d_in, C, H, scalar=False):
         super().__init__()
-        self.gamma = GammaMLPs(C, H)
+        self.gamma = GammaMLPs(C, H, None if scalar else d_in)
 
-    def forward(self, x, V):                                   # x (B, S, d_in), V (C, d_in)
-        return self.gamma(x @ V.T)                             # (B, S, C)
-
-
-class VectorCI(nn.Module):
-    """γ_c on the layer input x, as in SPD."""
-
-    def __init__(self, d_in, C, H):
-        super().__init__()
-        self.gamma = GammaMLPs(C, H, d_in)
-
-    def forward(self, x, V=None):                              # x (B, S, d_in)
-        return self.gamma(x)                                   # (B, S, C)
+    def forward(self, x, V=None):                              # x (B, S, d_in), V (C, d_in)
+        return self.gamma(x @ V.T if self.gamma.scalar else x)  # (B, S, C)
 
 
 class AttentionCI(nn.Module):
@@ -414,10 +404,8 @@ def _flex_attention(q, k, v, r, causal):
 
 
 def make_ci(kind, d_in, C, d_gate, max_seq_len=None, causal=True):
-    if kind == "scalar":
-        return ScalarCI(C, d_gate)
-    if kind == "vector":
-        return VectorCI(d_in, C, d_gate)
+    if kind in ("scalar", "vector"):
+        return MLPCI(d_in, C, d_gate, scalar=kind == "scalar")
     if kind == "attention":
         if not max_seq_len:
             raise SPDError("the attention CI needs max_seq_len (the longest sequence it will see)")

@@ -415,7 +415,7 @@ def test_attention_ci_is_position_dependent():
     x = torch.randn(1, 1, 8).expand(1, 10, 8)  # the same token at every position
     g = ci(x)
     assert not torch.allclose(g[0, 3], g[0, 7], atol=1e-4)
-    vec = spd.VectorCI(8, 5, 4)
+    vec = spd.MLPCI(8, 5, 4)
     assert torch.allclose(vec(x)[0, 3], vec(x)[0, 7])  # the vector CI cannot tell them apart
     with pytest.raises(spd.SPDError, match="max_seq_len"):
         ci(torch.randn(1, 11, 8))

@@ -322,7 +322,7 @@ def load_pretrained(name):
             f"could not load GPT-2 weights {name!r} ({type(e).__name__}; no model hub reachable?): "
             f"run once with hub access to cache them, or pass --model=/path/to/local/gpt2 "
             f"(a folder with config.json, model weights and tokenizer files), "
-            f"or run offline with --model=tiny") from None
+            f"or run offline with --model=tiny (or gpt2-random)") from None
     return model, tokenizer
 
 def _hub_reachable(timeout=2.0):
@@ -353,13 +353,15 @@ def load_tiny(path=TINY_PATH):
     tokenizer = SubwordTokenizer()
     made_of = {"tokens": tokenizer.tokens, "sentences": ALL_SENTENCES, "config": TINY_CONFIG}
     if os.path.exists(path):
-        ckpt = spd.read_file(path, "tiny model cache", "delete it, and the tiny model is retrained",
+        ckpt = spd.read_file(path, "tiny model cache", "check --tiny_path (where no file is, the "
+                             "tiny model is trained)",
                              keys=("model", "config"))
         if all(ckpt.get(k) == v for k, v in made_of.items()):
             model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), **TINY_CONFIG))
             model.load_state_dict(ckpt["model"])
             return model, tokenizer
         print(f"{path} was trained with another tokenizer, data or config, retraining")
+    spd.make_dir(os.path.dirname(path), "--tiny_path")       # before training, not after
     model = train_tiny(tokenizer)
     spd.atomic_save({"model": model.state_dict(), **made_of}, path)
     return model, tokenizer
@@ -526,6 +528,8 @@ def parse_config(argv):
                            f"(every batch holds both facts), got {cfg.batch_size}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise spd.SPDError(f"--device={cfg.device} but CUDA is not available; use --device=cpu")
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     return cfg
 
 # -----------------------------------------------------------------------------
@@ -619,7 +623,11 @@ def run(cfg):
     spd.keep_freed_memory()  # fewer page faults per step (README, speed); process-wide
     torch.manual_seed(cfg.seed)
     t_start, device = time.time(), torch.device(cfg.device)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    spd.make_dir(cfg.out_dir, "--out_dir")
+    done = [f for f in ("results.json", "spd.pt") if os.path.exists(os.path.join(cfg.out_dir, f))]
+    if done and not cfg.resume:
+        raise spd.SPDError(f"{cfg.out_dir} holds a finished run ({done[0]}); pass another --out_dir, "
+                           f"or delete it to run again")
     res = {"config": dataclasses.asdict(cfg)}
 
     # 1) the target, and a check that it predicts both facts
@@ -654,7 +662,8 @@ def run(cfg):
         raise spd.SPDError(f"--edit_patterns names {missing[0]!r}, which --patterns does not decompose")
     torch.manual_seed(cfg.seed)  # the same start whether the tiny target was trained or loaded
     with device:  # U, V and the CI MLPs are created on the device (3.3 B numbers for the paper preset)
-        s = spd.SPDModel(model, cfg.patterns, C=cfg.C, ci=cfg.ci, d_gate=cfg.d_gate).to(device)
+        s = spd.SPDModel(model, cfg.patterns, C=cfg.C, ci=cfg.ci, d_gate=cfg.d_gate,
+                         max_seq_len=model.config.n_positions).to(device)
     n_train = sum(p.numel() for p in s.trainable_parameters())
     reps = cfg.batch_size // len(ATHLETE_FACTS)
     xb, wb = x.repeat(reps, 1), weight.repeat(reps, 1)                  # (batch_size, S)
@@ -972,11 +981,16 @@ def main(argv=None):
     """Entry point: `python gpt2_facts.py [--key=value ...]`; input errors and missing weights
     print one line `error: ...` and exit with status 2."""
     argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        return print(__doc__.strip())
     try:
         return run(parse_config(argv))
     except (spd.SPDError, WeightsUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:                           # outside training (which saves first)
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 if __name__ == "__main__":
     main()

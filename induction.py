@@ -275,15 +275,15 @@ def save_target(model, path, **extra):
 
 def read_target(path):
     """(InductionTransformer, the file's dict) from a file written by save_target."""
-    ckpt = spd.read_file(path, "induction target", "delete it, and a new one is trained",
-                         keys=("config", "state_dict"))
+    ckpt = spd.read_file(path, "induction target", "check --target_path (where no file is, a new "
+                         "target is trained)", keys=("config", "state_dict"))
     config = {"positions": "output", **ckpt["config"]}  # files older than the key: "output"
     try:
         model = InductionTransformer(**config)
         model.load_state_dict(ckpt["state_dict"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise spd.SPDError(f"{path} does not hold this code's induction target ({type(e).__name__}); "
-                           f"delete it, and a new one is trained") from None
+                           f"check --target_path (where no file is, a new target is trained)") from None
     return model, ckpt
 
 
@@ -744,6 +744,7 @@ def bench(target, against="", steps=20, log=print):
             spec = importlib.util.spec_from_file_location("spd_against", against)
             versions[against] = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(versions[against])
+            versions[against].Config, versions[against].SPDModel
         except Exception as e:
             raise spd.SPDError(f"--bench_against={against} is not an importable spd.py "
                                f"({type(e).__name__}); pass the spd.py of another commit") from None
@@ -792,7 +793,10 @@ RULES = {**spd.CONFIG_RULES,  # the allowed values of InductionConfig's own fiel
 def parse_config(argv):
     """InductionConfig from '--preset=NAME' (default cpu) and '--key=value' overrides."""
     cfg = InductionConfig()
-    preset = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), "cpu")
+    presets = [a.split("=", 1)[1] for a in argv if a.startswith("--preset=")]
+    if len(presets) > 1:
+        raise spd.SPDError(f"--preset given {len(presets)} times; pass one")
+    preset = presets[0] if presets else "cpu"
     if preset not in PRESETS:
         raise spd.SPDError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     for k, v in PRESETS[preset].items():
@@ -805,18 +809,32 @@ def parse_config(argv):
 
 
 
+MODES = ("--table1", "--table2", "--bench", "--svd-baseline", "--train-target")
+
+
 def main(argv):
     """python induction.py [--table1 | --table2 | --bench | --svd-baseline | --train-target] [--preset=cpu|paper]
     [--key=value ...]"""
-    modes = [a for a in argv if a in ("--table1", "--table2", "--bench", "--svd-baseline", "--train-target")]
+    if "--help" in argv or "-h" in argv:
+        return print(__doc__.strip())
+    modes = [a for a in argv if a in MODES]
+    unknown = [a for a in argv if a.startswith("--") and "=" not in a and a not in MODES]
+    if unknown or len(modes) > 1:
+        what = f"unknown mode {unknown[0]}" if unknown else f"{' and '.join(modes)}: one mode at a time"
+        raise spd.SPDError(f"{what}; modes: {' '.join(MODES)}; settings: --key=value")
     cfg, preset = parse_config([a for a in argv if a not in modes])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     spd.keep_freed_memory()  # fewer page faults per step (README, speed); process-wide
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    spd.make_dir(cfg.out_dir, "--out_dir")
     out = lambda name: os.path.join(cfg.out_dir, name)
+    if not modes and not cfg.resume and os.path.exists(out("spd.pt")):
+        raise spd.SPDError(f"{cfg.out_dir} holds a finished run (spd.pt); pass another --out_dir, "
+                           f"or delete it to run again")
+    if "--train-target" in modes or not os.path.exists(cfg.target_path):  # checked before training
+        spd.make_dir(os.path.dirname(cfg.target_path), "--target_path")
     t0 = time.time()
     # 1) the target: load it, or train it (until cfg.target_stop_acc held-out accuracy)
     train_kwargs = dict(steps=cfg.target_steps, batch_size=cfg.target_batch_size, lr=cfg.target_lr,
@@ -851,7 +869,8 @@ def main(argv):
         cfg.out_proj = saved.get("out_proj", False)
         r = table1(s.to(device), target, cfg)
         print_table1(r)
-        spd.atomic_save(r, out(f"table1_{cfg.eval_batch}_sequences.json"))
+        other = "" if cfg.threshold == InductionConfig.threshold else f"_threshold_{cfg.threshold}"
+        spd.atomic_save(r, out(f"table1_{cfg.eval_batch}_sequences{other}.json"))
         return r
     if "--svd-baseline" in modes:
         s, _ = spd.load(out("spd.pt"), target)
@@ -875,15 +894,15 @@ def main(argv):
     next_batch = lambda: make_batch(cfg.batch_size, target.config["max_seq_len"],
                                     target.config["vocab_size"], gen, device)[0]
     history = spd.train(s, cfg, next_batch, checkpoint=out("checkpoint.pt"), data_rng=gen)
-    # 3) Table 1, written with the decomposition
+    spd.save(s, out("spd.pt"), cfg)                   # first, so that nothing below can lose it
+    if os.path.exists(out("checkpoint.pt")):
+        os.remove(out("checkpoint.pt"))                # the run is complete: spd.pt holds it
+    # 3) Table 1, written beside the decomposition (--table1 computes it again from spd.pt)
     results = table1(s, target, cfg)
     print_table1(results)
     results.update(config=dataclasses.asdict(cfg), preset=preset, history=history,
                    wall_seconds=time.time() - t0)
     spd.atomic_save(results, out("table1.json"))
-    spd.save(s, out("spd.pt"), cfg)
-    if os.path.exists(out("checkpoint.pt")):
-        os.remove(out("checkpoint.pt"))                # the run is complete: spd.pt holds it
     print(f"wrote {out('table1.json')} and {out('spd.pt')}; {time.time() - t0:.0f} s in all")
     return results
 
@@ -895,6 +914,9 @@ def cli(argv):
     except spd.SPDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:                          # outside training (which saves first)
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

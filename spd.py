@@ -600,14 +600,15 @@ def apply_overrides(cfg, args):
         if key not in fields:
             raise SPDError(f"unknown config key {key!r}; known: {', '.join(fields)}")
         kind = type(getattr(cfg, key))
-        if kind is bool and value.lower() not in ("true", "false", "1", "0"):
-            raise SPDError(f"--{key} needs true or false, got {value!r}")
         try:
             if kind is bool:
-                value = value.lower() in ("true", "1")
-            setattr(cfg, key, kind(float(value)) if kind is int and "e" in value else kind(value))
-        except ValueError:
-            raise SPDError(f"--{key} needs {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}") from None
+                value = {"true": True, "1": True, "false": False, "0": False}[value.lower()]
+            elif kind is int and "e" in value.lower() and float(value).is_integer():
+                value = float(value)                  # 1e4 is an int; 1.5e0 and 1e400 are not
+            setattr(cfg, key, kind(value))
+        except (KeyError, ValueError):
+            need = "true or false" if kind is bool else f"{'an' if kind is int else 'a'} {kind.__name__}"
+            raise SPDError(f"--{key} needs {need}, got {value!r}") from None
     return cfg
 
 
@@ -628,7 +629,8 @@ CONFIG_RULES = {  # field -> (allowed?, what is allowed) for every non-bool fiel
     "lr_warmup": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     "faithfulness_warmup_steps": _at_least(0), "faithfulness_warmup_lr": _POSITIVE,
     "seed": _at_least(0), "log_every": _at_least(1), "checkpoint_every": _at_least(0),
-    "device": (lambda v: v.split(":")[0] in ("cpu", "cuda", "auto"), "cpu, cuda, cuda:N or auto"),
+    "device": (lambda v: v in ("cpu", "cuda", "auto") or v.startswith("cuda:") and v[5:].isdigit(),
+               "cpu, cuda, cuda:N or auto"),
 }
 
 
@@ -704,9 +706,8 @@ def faithfulness_warmup(spd, cfg):
     opt = torch.optim.Adam([p for l in spd.layers.values() for p in (l.U, l.V)],
                            lr=cfg.faithfulness_warmup_lr)
     for _ in range(cfg.faithfulness_warmup_steps):
-        loss = faithfulness_loss(spd)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        faithfulness_loss(spd).backward()
         opt.step()
     return faithfulness_loss(spd).item()
 
@@ -749,7 +750,7 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
             if not torch.isfinite(total):
                 bad = next((k for k, v in terms.items() if not torch.isfinite(v)), "total")
                 raise SPDError(f"step {step}: the loss term {bad} is {terms.get(bad, total).item()}; "
-                               f"stopped, nothing saved (try a lower --lr)")
+                               f"stopped, nothing saved (try a lower --lr or smaller betas)")
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
@@ -870,10 +871,20 @@ def target_identity(spd):
 FORMAT = 1  # version of the files written below
 
 
+def make_dir(path, what):
+    """os.makedirs(path), or a one-line SPDError if it cannot be made or written into."""
+    try:
+        os.makedirs(path or ".", exist_ok=True)
+    except OSError as e:
+        raise SPDError(f"cannot make the folder {path!r} for {what} ({e.strerror}); pass another") from None
+    if not os.access(path or ".", os.W_OK):
+        raise SPDError(f"cannot write into {path!r} ({what}); pass a writable folder")
+
+
 def atomic_write(path, write):
     """write(tmp) to a temporary file in the same folder (same extension), then os.replace it
     onto path: a run killed while writing leaves the previous file whole."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    make_dir(os.path.dirname(path), path)
     root, ext = os.path.splitext(path)
     write(f"{root}.tmp{ext}")
     os.replace(f"{root}.tmp{ext}", path)
@@ -933,7 +944,8 @@ def load(path, target):
     return spd, ckpt["config"]
 
 
-RUN_ONLY = {"resume", "log_every", "checkpoint_every", "threads", "device", "out_dir"}  # may change on resume
+RUN_ONLY = {"resume", "log_every", "checkpoint_every", "threads", "device", "out_dir",  # may change
+            "eval_batch", "threshold", "max_memory_gb", "bench_against", "save"}     # on resume
 
 
 def save_checkpoint(path, spd, opt, cfg, step, history, data_rng=None):
@@ -947,8 +959,8 @@ def save_checkpoint(path, spd, opt, cfg, step, history, data_rng=None):
 def load_checkpoint(path, spd, opt, cfg, data_rng=None):
     """Restore a run saved by save_checkpoint; returns (next step, history)."""
     fix = "delete it to start again"
-    if not path:
-        raise SPDError("--resume=true needs a checkpoint path")
+    if not path or not os.path.exists(path):
+        raise SPDError(f"no checkpoint to resume at {path}; run without --resume=true")
     ckpt = read_file(path, "checkpoint", fix, keys=("step", "config", "optimizer", "state", "rng"))
     now = dataclasses.asdict(cfg)
     diff = [k for k in now if k not in RUN_ONLY and ckpt["config"].get(k) != now[k]]

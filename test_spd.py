@@ -1321,14 +1321,24 @@ BAD_INDUCTION = {  # case -> (extra argv, expected message, file to break first)
     "unknown_key": (["--nope=1"], "unknown config key 'nope'", None),
     "bad_type": (["--C=abc"], "--C needs an int", None),
     "preset": (["--preset=huge"], "unknown preset 'huge'", None),
-    "nan_run": (["--lr=1e6", "--steps=60"], r"step \d+: the loss term \w+ is (nan|inf).*lower --lr", None),
-    "resume_nothing": (["--resume=true"], r"checkpoint.pt: no checkpoint there", None),
-    "garbage_target": (["--target_path={d}/bad_target.pt"], r"bad_target.pt is not a readable induction target \(UnpicklingError\); delete it", "bad_target.pt:garbage"),
-    "target_not_ours": (["--target_path={d}/other_spd.pt"], r"other_spd.pt is no induction target: it has no 'state_dict'", None),
+    "nan_run": (["--lr=1e6", "--steps=60", "--out_dir={d}/nan"], r"step \d+: the loss term \w+ is (nan|inf).*lower --lr", None),
+    "resume_nothing": (["--resume=true"], r"no checkpoint to resume at .*checkpoint.pt; run without --resume=true", None),
+    "garbage_target": (["--target_path={d}/bad_target.pt", "--out_dir={d}/new"], r"bad_target.pt is not a readable induction target \(UnpicklingError\); check --target_path", "bad_target.pt:garbage"),
+    "target_not_ours": (["--target_path={d}/other_spd.pt", "--out_dir={d}/new"], r"other_spd.pt is no induction target: it has no 'state_dict'", None),
+    "finished_run": ([], r"holds a finished run \(spd.pt\); pass another --out_dir", None),
+    "out_dir_is_a_file": (["--out_dir={d}/spd.pt"], r"cannot make the folder .*spd.pt' for --out_dir \(File exists\)", None),
+    "target_dir_is_a_file": (["--target_path={d}/spd.pt/t.pt", "--out_dir={d}/new"], r"cannot make the folder .*spd.pt' for --target_path", None),
+    "int_not_whole": (["--steps=1.25e1"], r"--steps needs an int, got '1.25e1'", None),
+    "int_infinite": (["--seed=1e400"], r"--seed needs an int, got '1e400'", None),
+    "device_auto_n": (["--device=auto:3"], r"--device=auto:3 is out of range: it must be cpu, cuda, cuda:N or auto", None),
+    "two_modes": (["--table1", "--svd-baseline"], r"--table1 and --svd-baseline: one mode at a time", None),
+    "unknown_mode": (["--svd_baseline"], r"unknown mode --svd_baseline; modes: --table1", None),
+    "two_presets": (["--preset=paper", "--preset=cpu"], r"--preset given 2 times", None),
     "truncated_spd": (["--svd-baseline", "--out_dir={d}/cut"], r"spd.pt is not a readable decomposition", "cut/spd.pt:truncate"),
     "spd_other_target": (["--svd-baseline", "--out_dir={d}/foreign"], r"spd.pt was made for a different target", "foreign/spd.pt:other"),
     "bench_missing": (["--bench", "--bench_against={d}/none.py"], r"--bench_against=.*none.py is out of range: it must be an existing spd.py file", None),
     "bench_garbage": (["--bench", "--bench_against={d}/bad_target.pt"], r"bad_target.pt is not an importable spd.py", "bad_target.pt:garbage"),
+    "bench_not_spd": (["--bench", "--bench_against={d}/other.py"], r"other.py is not an importable spd.py \(AttributeError\)", "other.py:python"),
 }
 
 
@@ -1342,6 +1352,8 @@ def test_bad_input_never_loses_work(case, finished_runs, capsys):
         if how == "other":
             import shutil
             shutil.copy(d / "other_spd.pt", d / name)
+        elif how == "python":
+            (d / name).write_text("x = 1\n")
         else:
             if not (d / name).exists():
                 import shutil
@@ -1364,6 +1376,44 @@ def test_facts_bad_config(extra, message, capsys):
         gpt2_facts.main(["--model=tiny", *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code != 0 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_int_flags_take_whole_numbers_only():
+    cfg = spd.apply_overrides(spd.Config(), ["--steps=1e4", "--seed=1E1", "--C=7"])
+    assert (cfg.steps, cfg.seed, cfg.C) == (10_000, 10, 7)
+    for bad in ["1.5e0", "1e400", "1e-3", "2.5"]:
+        with pytest.raises(spd.SPDError, match=f"--steps needs an int, got '{bad}'"):
+            spd.apply_overrides(spd.Config(), [f"--steps={bad}"])
+
+
+def test_decomposition_is_saved_before_table1(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or any failure) during Table 1 loses nothing: spd.pt is written first."""
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(induction, "table1", interrupted)
+    assert induction.cli(induction_argv(tmp_path)) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["error: interrupted"]
+    assert (tmp_path / "spd.pt").exists() and not (tmp_path / "checkpoint.pt").exists()
+    monkeypatch.undo()
+    r = induction.main(induction_argv(tmp_path, "--table1"))      # and Table 1 can be made again
+    assert set(r["active"]) == set(induction.MATRICES)
+
+
+def test_scripts_print_help(capsys):
+    induction.main(["--help"])
+    gpt2_facts.main(["-h"])
+    out = capsys.readouterr().out
+    assert "python induction.py --svd-baseline" in out and "python gpt2_facts.py --model=tiny" in out
+
+
+def test_facts_refuses_a_finished_run_and_reads_auto(tmp_path, capsys):
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        gpt2_facts.main(["--model=tiny", f"--out_dir={tmp_path}", f"--tiny_path={tmp_path}/t.pt"])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "holds a finished run (results.json)" in err
+    assert (tmp_path / "results.json").read_text() == "{}" and not (tmp_path / "t.pt").exists()
+    assert gpt2_facts.parse_config(["--model=tiny", "--device=auto"]).device in ("cpu", "cuda")
 
 
 def test_facts_garbage_tiny_cache(tmp_path, capsys):
@@ -1433,7 +1483,7 @@ def test_ctrl_c_then_resume(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and err.strip().startswith("error: interrupted after step"), err
     assert "Traceback" not in err and (tmp_path / "checkpoint.pt").exists()
-    assert induction.cli(argv + ["--resume=true"]) == 0
+    assert induction.cli(argv + ["--resume=true", "--eval_batch=16"]) == 0  # (evaluation only)
     assert not (tmp_path / "checkpoint.pt").exists()
     a = torch.load(tmp_path / "spd.pt", weights_only=True)["state"]
     b = torch.load(tmp_path / "whole" / "spd.pt", weights_only=True)["state"]

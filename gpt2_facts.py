@@ -991,6 +991,12 @@ def main(argv=None):
     except KeyboardInterrupt:                           # outside training (which saves first)
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except RuntimeError as e:                           # torch.OutOfMemoryError is one too
+        if "memory" not in str(e):
+            raise
+        print(f"error: out of memory ({str(e).splitlines()[0][:100]}); use a smaller --batch_size, "
+              f"--C or --d_gate", file=sys.stderr)
+        sys.exit(2)
 
 if __name__ == "__main__":
     main()

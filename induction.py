@@ -744,7 +744,7 @@ def bench(target, against="", steps=20, log=print):
             spec = importlib.util.spec_from_file_location("spd_against", against)
             versions[against] = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(versions[against])
-            versions[against].Config, versions[against].SPDModel
+            versions[against].Config, versions[against].SPDModel    # AttributeError if not spd's
         except Exception as e:
             raise spd.SPDError(f"--bench_against={against} is not an importable spd.py "
                                f"({type(e).__name__}); pass the spd.py of another commit") from None
@@ -917,6 +917,12 @@ def cli(argv):
     except KeyboardInterrupt:                          # outside training (which saves first)
         print("error: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:                          # torch.OutOfMemoryError is one too
+        if "memory" not in str(e):
+            raise
+        print(f"error: out of memory ({str(e).splitlines()[0][:100]}); use a smaller --batch_size "
+              f"or --eval_batch (an interrupted run continues with --resume=true)", file=sys.stderr)
+        return 2
     return 0
 
 

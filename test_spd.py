@@ -935,7 +935,7 @@ def test_default_model_offline_is_a_one_line_error(tmp_path):
     hf_home.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "TRANSFORMERS_CACHE")}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(hf_home))
-    p = subprocess.run([sys.executable, "gpt2_facts.py"], cwd=HERE, env=env,
+    p = subprocess.run([sys.executable, "gpt2_facts.py", f"--out_dir={tmp_path}/out"], cwd=HERE, env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stdout + p.stderr
     lines = [l for l in (p.stdout + p.stderr).splitlines() if l.strip()]
@@ -1394,6 +1394,13 @@ def test_decomposition_is_saved_before_table1(tmp_path, monkeypatch, capsys):
     assert induction.cli(induction_argv(tmp_path)) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["error: interrupted"]
     assert (tmp_path / "spd.pt").exists() and not (tmp_path / "checkpoint.pt").exists()
+    def too_big(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 5e11 bytes")
+    monkeypatch.setattr(induction, "table1", too_big)
+    assert induction.cli(induction_argv(tmp_path, "--table1", "--eval_batch=1e9")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: out of memory (DefaultCPUAllocator") and \
+        "smaller --batch_size or --eval_batch" in err[0], err
     monkeypatch.undo()
     r = induction.main(induction_argv(tmp_path, "--table1"))      # and Table 1 can be made again
     assert set(r["active"]) == set(induction.MATRICES)

@@ -992,7 +992,7 @@ def main(argv=None):
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     except RuntimeError as e:                           # torch.OutOfMemoryError is one too
-        if "memory" not in str(e):
+        if not any(m in str(e) for m in ("allocate memory", "out of memory")):
             raise
         print(f"error: out of memory ({str(e).splitlines()[0][:100]}); use a smaller --batch_size, "
               f"--C or --d_gate", file=sys.stderr)

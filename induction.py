@@ -918,7 +918,7 @@ def cli(argv):
         print("error: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as e:                          # torch.OutOfMemoryError is one too
-        if "memory" not in str(e):
+        if not any(m in str(e) for m in ("allocate memory", "out of memory")):
             raise
         print(f"error: out of memory ({str(e).splitlines()[0][:100]}); use a smaller --batch_size "
               f"or --eval_batch (an interrupted run continues with --resume=true)", file=sys.stderr)

@@ -322,7 +322,7 @@ def load_pretrained(name):
             f"could not load GPT-2 weights {name!r} ({type(e).__name__}; no model hub reachable?): "
             f"run once with hub access to cache them, or pass --model=/path/to/local/gpt2 "
             f"(a folder with config.json, model weights and tokenizer files), "
-            f"or run offline with --model=tiny (or gpt2-random)") from None
+            f"or run offline with --model=tiny") from None
     return model, tokenizer
 
 def _hub_reachable(timeout=2.0):
@@ -526,8 +526,8 @@ def parse_config(argv):
     if cfg.batch_size % len(ATHLETE_FACTS):
         raise spd.SPDError(f"--batch_size must be a multiple of {len(ATHLETE_FACTS)} "
                            f"(every batch holds both facts), got {cfg.batch_size}")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise spd.SPDError(f"--device={cfg.device} but CUDA is not available; use --device=cpu")
+    if cfg.device.startswith("cuda") and int(cfg.device[5:] or 0) >= torch.cuda.device_count():
+        raise spd.SPDError(f"--device={cfg.device} but there is no such CUDA device; use --device=cpu")
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     return cfg
@@ -625,8 +625,12 @@ def run(cfg):
     t_start, device = time.time(), torch.device(cfg.device)
     spd.make_dir(cfg.out_dir, "--out_dir")
     done = [f for f in ("results.json", "spd.pt") if os.path.exists(os.path.join(cfg.out_dir, f))]
+    checkpoint = os.path.join(cfg.out_dir, "checkpoint.pt")
+    if cfg.resume and not os.path.exists(checkpoint):         # checked before the model is loaded
+        raise spd.SPDError(f"no checkpoint to resume in {cfg.out_dir}" + (
+            f" (it holds an earlier run's {done[0]})" if done else "; run without --resume=true"))
     if done and not cfg.resume:
-        raise spd.SPDError(f"{cfg.out_dir} holds a finished run ({done[0]}); pass another --out_dir, "
+        raise spd.SPDError(f"{cfg.out_dir} holds an earlier run's {done[0]}; pass another --out_dir, "
                            f"or delete it to run again")
     res = {"config": dataclasses.asdict(cfg)}
 
@@ -677,7 +681,6 @@ def run(cfg):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    checkpoint = os.path.join(cfg.out_dir, "checkpoint.pt")
     history = spd.train(s, cfg, lambda: (xb, wb), log=print, checkpoint=checkpoint)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -991,8 +994,8 @@ def main(argv=None):
     except KeyboardInterrupt:                           # outside training (which saves first)
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
-    except RuntimeError as e:                           # torch.OutOfMemoryError is one too
-        if not any(m in str(e) for m in ("allocate memory", "out of memory")):
+    except (MemoryError, RuntimeError) as e:            # torch.OutOfMemoryError is a RuntimeError
+        if not any(m in str(e) for m in ("allocate memory", "out of memory", "not enough memory")):
             raise
         print(f"error: out of memory ({str(e).splitlines()[0][:100]}); use a smaller --batch_size, "
               f"--C or --d_gate", file=sys.stderr)

@@ -275,15 +275,16 @@ def save_target(model, path, **extra):
 
 def read_target(path):
     """(InductionTransformer, the file's dict) from a file written by save_target."""
-    ckpt = spd.read_file(path, "induction target", "check --target_path (where no file is, a new "
-                         "target is trained)", keys=("config", "state_dict"))
+    ckpt = spd.read_file(path, "induction target", "pass the right --target_path (at a path with no "
+                         "file, a new target is trained)", keys=("config", "state_dict"))
     config = {"positions": "output", **ckpt["config"]}  # files older than the key: "output"
     try:
         model = InductionTransformer(**config)
         model.load_state_dict(ckpt["state_dict"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise spd.SPDError(f"{path} does not hold this code's induction target ({type(e).__name__}); "
-                           f"check --target_path (where no file is, a new target is trained)") from None
+                           f"pass the right --target_path (at a path with no file, a new target is "
+                           f"trained)") from None
     return model, ckpt
 
 
@@ -803,8 +804,8 @@ def parse_config(argv):
         setattr(cfg, k, v)
     spd.apply_overrides(cfg, [a for a in argv if not a.startswith("--preset=")])
     spd.check_config(cfg, RULES)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise spd.SPDError(f"--device={cfg.device} but CUDA is not available; use --device=cpu")
+    if cfg.device.startswith("cuda") and int(cfg.device[5:] or 0) >= torch.cuda.device_count():
+        raise spd.SPDError(f"--device={cfg.device} but there is no such CUDA device; use --device=cpu")
     return cfg, preset
 
 
@@ -830,9 +831,9 @@ def main(argv):
                           "cpu" if cfg.device == "auto" else cfg.device)
     spd.make_dir(cfg.out_dir, "--out_dir")
     out = lambda name: os.path.join(cfg.out_dir, name)
-    if not modes and not cfg.resume and os.path.exists(out("spd.pt")):
-        raise spd.SPDError(f"{cfg.out_dir} holds a finished run (spd.pt); pass another --out_dir, "
-                           f"or delete it to run again")
+    if not modes and os.path.exists(out("spd.pt")):     # (a finished run has no checkpoint left)
+        raise spd.SPDError(f"{cfg.out_dir} holds a finished run (spd.pt); " + ("nothing to resume" if
+                           cfg.resume else "pass another --out_dir, or delete it to run again"))
     if "--train-target" in modes or not os.path.exists(cfg.target_path):  # checked before training
         spd.make_dir(os.path.dirname(cfg.target_path), "--target_path")
     t0 = time.time()
@@ -856,13 +857,14 @@ def main(argv):
         lengths = (16, 64, 1024, 10240)
         rows = table2(target, cfg, lengths)
         print_table2(rows, lengths, name)
-        spd.atomic_save({"device": name, "lengths": lengths, "it_per_s": rows, "paper": PAPER_TABLE2}, out("table2.json"))
+        spd.atomic_save({"device": name, "lengths": lengths, "it_per_s": rows, "paper": PAPER_TABLE2},
+                        out(time.strftime("table2_%Y%m%d_%H%M%S.json")))  # never over an earlier one
         return rows
     if "--bench" in modes:
         print(f"SPD step at the anchor config on {device} ({torch.get_num_threads()} threads):")
         rows = bench(target, cfg.bench_against)
         spd.atomic_save({"device": str(device), "threads": torch.get_num_threads(),
-                         "ms_per_step": rows}, out("bench.json"))
+                         "ms_per_step": rows}, out(time.strftime("bench_%Y%m%d_%H%M%S.json")))
         return rows
     if "--table1" in modes:                           # Table 1 again for the saved decomposition,
         s, saved = spd.load(out("spd.pt"), target)    # e.g. on more sequences (--eval_batch)
@@ -894,7 +896,7 @@ def main(argv):
     next_batch = lambda: make_batch(cfg.batch_size, target.config["max_seq_len"],
                                     target.config["vocab_size"], gen, device)[0]
     history = spd.train(s, cfg, next_batch, checkpoint=out("checkpoint.pt"), data_rng=gen)
-    spd.save(s, out("spd.pt"), cfg)                   # first, so that nothing below can lose it
+    spd.save(s, out("spd.pt"), cfg, history=history)  # first, so that nothing below can lose it
     if os.path.exists(out("checkpoint.pt")):
         os.remove(out("checkpoint.pt"))                # the run is complete: spd.pt holds it
     # 3) Table 1, written beside the decomposition (--table1 computes it again from spd.pt)
@@ -917,11 +919,11 @@ def cli(argv):
     except KeyboardInterrupt:                          # outside training (which saves first)
         print("error: interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as e:                          # torch.OutOfMemoryError is one too
-        if not any(m in str(e) for m in ("allocate memory", "out of memory")):
+    except (MemoryError, RuntimeError) as e:           # torch.OutOfMemoryError is a RuntimeError
+        if not any(m in str(e) for m in ("allocate memory", "out of memory", "not enough memory")):
             raise
-        print(f"error: out of memory ({str(e).splitlines()[0][:100]}); use a smaller --batch_size "
-              f"or --eval_batch (an interrupted run continues with --resume=true)", file=sys.stderr)
+        print(f"error: out of memory ({str(e).splitlines()[0][:100]}); a new run: use a smaller "
+              f"--batch_size; Table 1 of a saved spd.pt: --table1 --eval_batch=N", file=sys.stderr)
         return 2
     return 0
 

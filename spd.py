@@ -628,9 +628,9 @@ CONFIG_RULES = {  # field -> (allowed?, what is allowed) for every non-bool fiel
     "weight_decay": _NONNEGATIVE, "lr_schedule": _one_of("constant", "cosine"),
     "lr_warmup": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     "faithfulness_warmup_steps": _at_least(0), "faithfulness_warmup_lr": _POSITIVE,
-    "seed": _at_least(0), "log_every": _at_least(1), "checkpoint_every": _at_least(0),
-    "device": (lambda v: v in ("cpu", "cuda", "auto") or v.startswith("cuda:") and v[5:].isdigit(),
-               "cpu, cuda, cuda:N or auto"),
+    "seed": (lambda v: 0 <= v < 2**63, ">= 0 and < 2**63"), "log_every": _at_least(1),
+    "checkpoint_every": _at_least(0), "device": (lambda v: v in ("cpu", "cuda", "auto") or
+        v.startswith("cuda:") and v[5:].isascii() and v[5:].isdigit(), "cpu, cuda, cuda:N or auto"),
 }
 
 
@@ -876,9 +876,9 @@ def make_dir(path, what):
     try:
         os.makedirs(path or ".", exist_ok=True)
     except OSError as e:
-        raise SPDError(f"cannot make the folder {path!r} for {what} ({e.strerror}); pass another") from None
+        raise SPDError(f"cannot make the folder {path or '.'!r} for {what} ({e.strerror})") from None
     if not os.access(path or ".", os.W_OK):
-        raise SPDError(f"cannot write into {path!r} ({what}); pass a writable folder")
+        raise SPDError(f"cannot write into the folder {path or '.'!r} for {what}")
 
 
 def atomic_write(path, write):
@@ -944,8 +944,8 @@ def load(path, target):
     return spd, ckpt["config"]
 
 
-RUN_ONLY = {"resume", "log_every", "checkpoint_every", "threads", "device", "out_dir",  # may change
-            "eval_batch", "threshold", "max_memory_gb", "bench_against", "save"}     # on resume
+RUN_ONLY = {"resume", "log_every", "checkpoint_every", "threads", "device", "out_dir",  # may change on
+            "eval_batch", "threshold", "max_memory_gb", "bench_against", "save", "edit_patterns"}  # resume
 
 
 def save_checkpoint(path, spd, opt, cfg, step, history, data_rng=None):

@@ -1322,10 +1322,13 @@ BAD_INDUCTION = {  # case -> (extra argv, expected message, file to break first)
     "bad_type": (["--C=abc"], "--C needs an int", None),
     "preset": (["--preset=huge"], "unknown preset 'huge'", None),
     "nan_run": (["--lr=1e6", "--steps=60", "--out_dir={d}/nan"], r"step \d+: the loss term \w+ is (nan|inf).*lower --lr", None),
-    "resume_nothing": (["--resume=true"], r"no checkpoint to resume at .*checkpoint.pt; run without --resume=true", None),
-    "garbage_target": (["--target_path={d}/bad_target.pt", "--out_dir={d}/new"], r"bad_target.pt is not a readable induction target \(UnpicklingError\); check --target_path", "bad_target.pt:garbage"),
+    "resume_nothing": (["--resume=true", "--out_dir={d}/empty"], r"no checkpoint to resume at .*checkpoint.pt; run without --resume=true", None),
+    "garbage_target": (["--target_path={d}/bad_target.pt", "--out_dir={d}/new"], r"bad_target.pt is not a readable induction target \(UnpicklingError\); pass the right --target_path", "bad_target.pt:garbage"),
     "target_not_ours": (["--target_path={d}/other_spd.pt", "--out_dir={d}/new"], r"other_spd.pt is no induction target: it has no 'state_dict'", None),
     "finished_run": ([], r"holds a finished run \(spd.pt\); pass another --out_dir", None),
+    "resume_finished": (["--resume=true"], r"holds a finished run \(spd.pt\); nothing to resume", None),
+    "seed_too_big": (["--seed=1e20"], r"--seed=100000000000000000000 is out of range", None),
+    "cuda_odd_digit": (["--device=cuda:\u00b2"], r"--device=cuda:\u00b2 is out of range", None),
     "out_dir_is_a_file": (["--out_dir={d}/spd.pt"], r"cannot make the folder .*spd.pt' for --out_dir \(File exists\)", None),
     "target_dir_is_a_file": (["--target_path={d}/spd.pt/t.pt", "--out_dir={d}/new"], r"cannot make the folder .*spd.pt' for --target_path", None),
     "int_not_whole": (["--steps=1.25e1"], r"--steps needs an int, got '1.25e1'", None),
@@ -1400,7 +1403,12 @@ def test_decomposition_is_saved_before_table1(tmp_path, monkeypatch, capsys):
     assert induction.cli(induction_argv(tmp_path, "--table1", "--eval_batch=1e9")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: out of memory (DefaultCPUAllocator") and \
-        "smaller --batch_size or --eval_batch" in err[0], err
+        "--table1 --eval_batch=N" in err[0], err
+    def bug(*a, **k):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    monkeypatch.setattr(induction, "table1", bug)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):   # a bug is not hidden
+        induction.cli(induction_argv(tmp_path, "--table1"))
     monkeypatch.undo()
     r = induction.main(induction_argv(tmp_path, "--table1"))      # and Table 1 can be made again
     assert set(r["active"]) == set(induction.MATRICES)
@@ -1418,8 +1426,11 @@ def test_facts_refuses_a_finished_run_and_reads_auto(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gpt2_facts.main(["--model=tiny", f"--out_dir={tmp_path}", f"--tiny_path={tmp_path}/t.pt"])
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "holds a finished run (results.json)" in err
+    assert err.startswith("error: ") and "holds an earlier run's results.json" in err
     assert (tmp_path / "results.json").read_text() == "{}" and not (tmp_path / "t.pt").exists()
+    with pytest.raises(SystemExit):
+        gpt2_facts.main(["--model=tiny", f"--out_dir={tmp_path}", "--resume=true"])
+    assert "no checkpoint to resume in" in capsys.readouterr().err
     assert gpt2_facts.parse_config(["--model=tiny", "--device=auto"]).device in ("cpu", "cuda")
 
 

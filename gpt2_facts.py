@@ -353,9 +353,8 @@ def load_tiny(path=TINY_PATH):
     tokenizer = SubwordTokenizer()
     made_of = {"tokens": tokenizer.tokens, "sentences": ALL_SENTENCES, "config": TINY_CONFIG}
     if os.path.exists(path):
-        ckpt = spd.read_file(path, "tiny model cache", "check --tiny_path (where no file is, the "
-                             "tiny model is trained)",
-                             keys=("model", "config"))
+        ckpt = spd.read_file(path, "tiny model cache", "pass the right --tiny_path (at a path with "
+                             "no file, the tiny model is trained)", keys=("model", "config"))
         if all(ckpt.get(k) == v for k, v in made_of.items()):
             model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), **TINY_CONFIG))
             model.load_state_dict(ckpt["model"])

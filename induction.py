@@ -275,16 +275,15 @@ def save_target(model, path, **extra):
 
 def read_target(path):
     """(InductionTransformer, the file's dict) from a file written by save_target."""
-    ckpt = spd.read_file(path, "induction target", "pass the right --target_path (at a path with no "
-                         "file, a new target is trained)", keys=("config", "state_dict"))
+    fix = "pass the right --target_path (at a path with no file, a new target is trained)"
+    ckpt = spd.read_file(path, "induction target", fix, keys=("config", "state_dict"))
     config = {"positions": "output", **ckpt["config"]}  # files older than the key: "output"
     try:
         model = InductionTransformer(**config)
         model.load_state_dict(ckpt["state_dict"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise spd.SPDError(f"{path} does not hold this code's induction target ({type(e).__name__}); "
-                           f"pass the right --target_path (at a path with no file, a new target is "
-                           f"trained)") from None
+                           f"{fix}") from None
     return model, ckpt
 
 
@@ -807,7 +806,6 @@ def parse_config(argv):
     if cfg.device.startswith("cuda") and int(cfg.device[5:] or 0) >= torch.cuda.device_count():
         raise spd.SPDError(f"--device={cfg.device} but there is no such CUDA device; use --device=cpu")
     return cfg, preset
-
 
 
 MODES = ("--table1", "--table2", "--bench", "--svd-baseline", "--train-target")

@@ -76,8 +76,7 @@ class DecomposedLayer(nn.Module):
         self.U = nn.Parameter(torch.randn(d_out, C) / math.sqrt(C))
         self.ci = ci
         self.mask = None      # (alpha (N, S, C), rows (N,) or None for all rows), set per forward
-        self.record = False   # keep the last input (for the causal-importance functions)
-        self.last_input = None
+        self.record, self.last_input = False, None  # keep the last input (for the CI functions)
 
     @property
     def W(self):
@@ -276,8 +275,8 @@ class _ChunkedGamma(torch.autograd.Function):
 
     The hidden layer h (N, C, H) is the big tensor of an SPD step. As separate ops it streams
     through memory about a dozen times and autograd keeps two copies of it; here each chunk
-    stays in cache from h = W1 x + b1 to the output, nothing of size N·C·H is kept, and
-    backward recomputes h. With ḡ = dL/dγ (N, C):
+    stays in cache from h = W1 x + b1 to the output and backward recomputes h, so nothing of
+    size N·C·H is kept (h and gelu(h) are if one chunk holds all N tokens). With ḡ = dL/dγ:
         dL/dw2_c = Σ_n ḡ_nc gelu(h_nc)    dL/dh_nc = ḡ_nc w2_c ⊙ gelu'(h_nc)
         dL/dW1 = (dL/dh)ᵀ x,  dL/db1 = Σ_n dL/dh,  dL/dx = (dL/dh) W1,  dL/db2 = Σ_n ḡ."""
     FLOATS = 2 ** 19                                           # hidden units per chunk (2 MB)
@@ -294,9 +293,11 @@ class _ChunkedGamma(torch.autograd.Function):
         out = x.new_empty(len(x), C)
         for i in range(0, len(x), R):
             h = _ChunkedGamma.hidden(scalar, x[i:i + R], W1, b1, C, H)
-            torch.sum(F.gelu(h).mul_(W2), -1, out=out[i:i + R])
+            a = F.gelu(h)
+            torch.sum(a * W2, -1, out=out[i:i + R])
         ctx.save_for_backward(x, W1, b1, W2)
         ctx.scalar, ctx.rows = scalar, R
+        ctx.kept = (h, a) if len(x) <= R else None             # one chunk: keep, not recompute
         return out.add_(b2)
 
     @staticmethod
@@ -306,8 +307,8 @@ class _ChunkedGamma(torch.autograd.Function):
         gx, gW1, gb1, gW2 = (torch.zeros_like(t) for t in (x, W1, b1, W2))
         for i in range(0, len(x), R):
             xc, g = x[i:i + R], grad[i:i + R, :, None]        # (n, d), (n, C, 1)
-            h = _ChunkedGamma.hidden(ctx.scalar, xc, W1, b1, C, H)
-            gW2 += F.gelu(h).mul_(g).sum(0)
+            h, a = ctx.kept or (_ChunkedGamma.hidden(ctx.scalar, xc, W1, b1, C, H), None)
+            gW2 += (F.gelu(h) if a is None else a).mul(g).sum(0)
             gh = torch.ops.aten.gelu_backward(g * W2, h)       # (n, C, H)
             gb1 += gh.sum(0).view(-1)
             if ctx.scalar:
@@ -928,8 +929,7 @@ def _restore(spd, path, ckpt):
 def save(spd, path, config=None, **more):
     """One file: U, V, the CI parameters, the SPDModel spec, a config, the target's identity
     (and `more`: save_checkpoint's optimizer, step and random states)."""
-    if dataclasses.is_dataclass(config):
-        config = dataclasses.asdict(config)
+    config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
     state = {n: p.detach().cpu() for n, p in spd.named_parameters() if p.requires_grad}  # no target
     atomic_save({"format": FORMAT, "spec": spd.spec, "config": config or {},
                  "identity": target_identity(spd), "state": state, **more}, path)

@@ -192,12 +192,14 @@ def use_chunked_gamma(module, on):
             m.chunked = on
 
 
+@pytest.mark.parametrize("rows", [7, 27])
 @pytest.mark.parametrize("ci", ["scalar", "vector", "attention"])
-def test_chunked_gamma_equals_reference(ci, monkeypatch):
+def test_chunked_gamma_equals_reference(ci, rows, monkeypatch):
     """The fast CPU path of the γ-MLPs (_ChunkedGamma) against GammaMLPs.reference, float64:
-    the CI's output and the gradient into every parameter and into the input."""
+    the CI's output and the gradient into every parameter and into the input; in chunks of 7
+    of the 27 tokens (a ragged last, h recomputed in backward) and in one (h kept)."""
     d, C, H = 5, 6, 4
-    monkeypatch.setattr(spd._ChunkedGamma, "FLOATS", 7 * C * H)  # chunks of 7 tokens, a ragged last
+    monkeypatch.setattr(spd._ChunkedGamma, "FLOATS", rows * C * H)
     torch.manual_seed(0)
     f = spd.make_ci(ci, d, C, H, max_seq_len=9).double()
     with torch.no_grad():

@@ -52,6 +52,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 from urllib.parse import urlparse
 
 import torch
@@ -486,6 +487,7 @@ class FactsConfig(spd.Config):
     ci: str = "vector"                # (spd.Config fields with another default here)
     last_token_only: bool = False
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    RUN_ONLY: ClassVar = spd.Config.RUN_ONLY | {"threads", "out_dir", "threshold", "save", "edit_patterns"}
 
 PRESETS = {
     # A.3.1 (Figure 6), every row; the non-stochastic layerwise loss is not in the table: 0

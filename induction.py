@@ -42,6 +42,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -358,6 +359,8 @@ class InductionConfig(spd.Config):
     max_memory_gb: float = 16.0        # Table 2: skip a variant whose step would need more memory
     bench_against: str = ""            # --bench: another spd.py to time beside this one
     device: str = "auto"               # auto: CUDA when available, else CPU
+    RUN_ONLY: ClassVar = spd.Config.RUN_ONLY | {"threads", "out_dir", "eval_batch", "threshold",
+                                                "max_memory_gb", "bench_against"}  # (spd.Config's)
 
 
 TABLE3 = dict(target_steps=100_000, target_batch_size=1024, target_lr=1e-3,  # the target's

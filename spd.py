@@ -33,6 +33,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -589,6 +590,7 @@ class Config:
     resume: bool = False                      # continue the run saved in the checkpoint
     device: str = "cpu"
     compile: bool = False                     # torch.compile the step (README, speed)
+    RUN_ONLY: ClassVar = {"resume", "log_every", "checkpoint_every", "device"}  # may change on resume
 
 
 def apply_overrides(cfg, args):
@@ -944,10 +946,6 @@ def load(path, target):
     return spd, ckpt["config"]
 
 
-RUN_ONLY = {"resume", "log_every", "checkpoint_every", "threads", "device", "out_dir",  # may change on
-            "eval_batch", "threshold", "max_memory_gb", "bench_against", "save", "edit_patterns"}  # resume
-
-
 def save_checkpoint(path, spd, opt, cfg, step, history, data_rng=None):
     """Everything a run needs to continue exactly after `step` steps."""
     save(spd, path, cfg, step=step, history=history, optimizer=opt.state_dict(),
@@ -963,7 +961,7 @@ def load_checkpoint(path, spd, opt, cfg, data_rng=None):
         raise SPDError(f"no checkpoint to resume at {path}; run without --resume=true")
     ckpt = read_file(path, "checkpoint", fix, keys=("step", "config", "optimizer", "state", "rng"))
     now = dataclasses.asdict(cfg)
-    diff = [k for k in now if k not in RUN_ONLY and ckpt["config"].get(k) != now[k]]
+    diff = [k for k in now if k not in cfg.RUN_ONLY and ckpt["config"].get(k) != now[k]]
     if diff:
         raise SPDError(f"{path} was saved with --{diff[0]}={ckpt['config'].get(diff[0])}, not "
                        f"{now[diff[0]]}: resume with the same config, or {fix}")

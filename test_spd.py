@@ -1482,10 +1482,16 @@ def test_resume_is_exact_and_checked(tmp_path):
         run(cfg)
     with pytest.raises(spd.SPDError, match="saved with --lr=0.01, not 0.02"):
         run(dataclasses.replace(cfg, resume=True, lr=2e-2))
-    resumed, hist2 = run(dataclasses.replace(cfg, resume=True))
+    resumed, hist2 = run(dataclasses.replace(cfg, resume=True, checkpoint_every=3))  # (RUN_ONLY)
     for (n, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), n
     assert [h["total"] for h in hist2] == [h["total"] for h in hist]
+
+
+def test_run_only_fields_exist():
+    """Each config's RUN_ONLY (the fields a resumed run may change) names fields it has."""
+    for config in (spd.Config, induction.InductionConfig, gpt2_facts.FactsConfig):
+        assert config.RUN_ONLY <= {f.name for f in dataclasses.fields(config)}, config
 
 
 def test_ctrl_c_then_resume(tmp_path):

@@ -806,8 +806,6 @@ def parse_config(argv):
         setattr(cfg, k, v)
     spd.apply_overrides(cfg, [a for a in argv if not a.startswith("--preset=")])
     spd.check_config(cfg, RULES)
-    if cfg.device.startswith("cuda") and int(cfg.device[5:] or 0) >= torch.cuda.device_count():
-        raise spd.SPDError(f"--device={cfg.device} but there is no such CUDA device; use --device=cpu")
     return cfg, preset
 
 

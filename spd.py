@@ -638,11 +638,13 @@ CONFIG_RULES = {  # field -> (allowed?, what is allowed) for every non-bool fiel
 
 
 def check_config(cfg, rules=CONFIG_RULES):
-    """A one-line SPDError for the first field out of its range (bools: see apply_overrides)."""
+    """One-line SPDError: a field out of its range (bools: apply_overrides), or no such CUDA device."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if not isinstance(value, bool) and not rules[f.name][0](value):
             raise SPDError(f"--{f.name}={value} is out of range: it must be {rules[f.name][1]}")
+    if cfg.device.startswith("cuda") and int(cfg.device[5:] or 0) >= torch.cuda.device_count():
+        raise SPDError(f"--device={cfg.device} but there is no such CUDA device; use --device=cpu")
     return cfg
 
 

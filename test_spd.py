@@ -1335,6 +1335,7 @@ BAD_INDUCTION = {  # case -> (extra argv, expected message, file to break first)
     "target_dir_is_a_file": (["--target_path={d}/spd.pt/t.pt", "--out_dir={d}/new"], r"cannot make the folder .*spd.pt' for --target_path", None),
     "int_not_whole": (["--steps=1.25e1"], r"--steps needs an int, got '1.25e1'", None),
     "int_infinite": (["--seed=1e400"], r"--seed needs an int, got '1e400'", None),
+    "cuda_missing": (["--device=cuda:64"], r"--device=cuda:64 but there is no such CUDA device; use --device=cpu", None),
     "device_auto_n": (["--device=auto:3"], r"--device=auto:3 is out of range: it must be cpu, cuda, cuda:N or auto", None),
     "two_modes": (["--table1", "--svd-baseline"], r"--table1 and --svd-baseline: one mode at a time", None),
     "unknown_mode": (["--svd_baseline"], r"unknown mode --svd_baseline; modes: --table1", None),

@@ -345,8 +345,8 @@ class AttentionCI(nn.Module):
     (x_pos = x + AbsPosEnc). Algorithm 1 lists RelPosEnc as (2s × d) while Eq. 4 and the text
     call r_n "the row of learned relative positional biases"; we use one scalar bias per
     offset, i.e. 2·max_seq_len - 1 numbers.
-    Causal masking: the paper is silent. Default causal=True (position n sees positions ≤ n,
-    like the model it explains); causal=False is supported (the README compares the two)."""
+    Causal masking: the paper is silent (its RelPosEnc has offsets both ways). Default causal=True
+    (position n sees positions ≤ n, like the model it explains); the README measures causal=False."""
 
     def __init__(self, d, C, H, max_seq_len, causal=True):
         super().__init__()

@@ -298,7 +298,7 @@ class _ChunkedGamma(torch.autograd.Function):
             torch.sum(a * W2, -1, out=out[i:i + R])
         ctx.save_for_backward(x, W1, b1, W2)
         ctx.scalar, ctx.rows = scalar, R
-        ctx.kept = (h, a) if len(x) <= R else None             # one chunk: keep, not recompute
+        ctx.kept = (h, a) if 0 < len(x) <= R else None         # one chunk: keep, not recompute
         return out.add_(b2)
 
     @staticmethod

@@ -502,9 +502,9 @@ PRESETS = {
 }
 # the same losses, betas and schedule at the tiny model's size: C = d_model (as the paper's
 # C = 768 = GPT-2's d_model), D_gate = C/4, one thread (tiny tensors: a second thread only adds
-# overhead, and on a busy machine it slows the run many-fold). 16 matrices run at ~12 steps/s on
-# one core (per-op overhead: every loss term is a forward through 16 decomposed layers), so
-# 2500 steps (~3.5 min) is what the 5-minute budget leaves after training the target (~40 s)
+# overhead, and on a busy machine it slows the run many-fold). 16 matrices run at 10-21 steps/s
+# on one core, by the hour (per-op overhead: every loss term is a forward through 16 decomposed
+# layers), so 2500 steps (2-4 min) fit the 5-minute budget with training the target (~20-40 s)
 PRESETS["tiny"] = {**PRESETS["paper"], "C": TINY_CONFIG["n_embd"], "d_gate": 16, "steps": 2500,
                    "log_every": 250, "threads": 1}
 

@@ -360,7 +360,7 @@ class InductionConfig(spd.Config):
     bench_against: str = ""            # --bench: another spd.py to time beside this one
     device: str = "auto"               # auto: CUDA when available, else CPU
     RUN_ONLY: ClassVar = spd.Config.RUN_ONLY | {"threads", "out_dir", "eval_batch", "threshold",
-                                                "max_memory_gb", "bench_against"}  # (spd.Config's)
+                                                "max_memory_gb", "bench_against"}  # see spd.Config
 
 
 TABLE3 = dict(target_steps=100_000, target_batch_size=1024, target_lr=1e-3,  # the target's

@@ -297,8 +297,7 @@ class _ChunkedGamma(torch.autograd.Function):
             a = F.gelu(h)
             torch.sum(a * W2, -1, out=out[i:i + R])
         ctx.save_for_backward(x, W1, b1, W2)
-        ctx.scalar, ctx.rows = scalar, R
-        ctx.kept = (h, a) if 0 < len(x) <= R else None         # one chunk: keep, not recompute
+        ctx.scalar, ctx.rows, ctx.kept = scalar, R, ((h, a) if 0 < len(x) <= R else None)
         return out.add_(b2)
 
     @staticmethod
@@ -306,9 +305,10 @@ class _ChunkedGamma(torch.autograd.Function):
         x, W1, b1, W2 = ctx.saved_tensors
         (C, H), R = W2.shape, ctx.rows
         gx, gW1, gb1, gW2 = (torch.zeros_like(t) for t in (x, W1, b1, W2))
+        kept, ctx.kept = (None if torch.is_grad_enabled() else ctx.kept), None  # create_graph: recompute
         for i in range(0, len(x), R):
             xc, g = x[i:i + R], grad[i:i + R, :, None]        # (n, d), (n, C, 1)
-            h, a = ctx.kept or (_ChunkedGamma.hidden(ctx.scalar, xc, W1, b1, C, H), None)
+            h, a = kept or (_ChunkedGamma.hidden(ctx.scalar, xc, W1, b1, C, H), None)
             gW2 += (F.gelu(h) if a is None else a).mul(g).sum(0)
             gh = torch.ops.aten.gelu_backward(g * W2, h)       # (n, C, H)
             gb1 += gh.sum(0).view(-1)

@@ -209,11 +209,30 @@ def test_chunked_gamma_equals_reference(ci, rows, monkeypatch):
     V = torch.randn(C, d, dtype=torch.float64, requires_grad=True)
     tensors = [x, V, *f.parameters()]
     got = {}
+    calls, hidden = [], spd._ChunkedGamma.hidden
+    monkeypatch.setattr(spd._ChunkedGamma, "hidden", staticmethod(lambda *a: calls.append(1) or hidden(*a)))
     for chunked in (False, True):
         use_chunked_gamma(f, chunked)
         got[chunked] = value_and_grads(lambda: f(x, V), tensors)
+    assert len(calls) == (1 if rows == 27 else 2 * 4)  # h once (kept), or 4 chunks, again in backward
     for a, b in zip(got[False], got[True]):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_gamma_second_derivative():
+    """With create_graph (a second derivative) the one-chunk path recomputes h, as the kept h
+    has no graph: d(|dL/dW1|²)/dW1 equals the reference's, and a retained graph runs twice."""
+    torch.manual_seed(0)
+    f = spd.GammaMLPs(6, 4, 5).double()
+    x = torch.randn(20, 5, dtype=torch.float64)
+
+    def second(chunked):
+        f.chunked = chunked
+        (gW1,) = torch.autograd.grad((f(x) ** 2).sum(), [f.W1], create_graph=True)
+        return torch.autograd.grad((gW1 ** 2).sum(), [f.W1])[0]
+    assert torch.allclose(second(True), second(False), rtol=1e-10)
+    y = f(x).sum()
+    assert torch.equal(*(torch.autograd.grad(y, [f.W1], retain_graph=True)[0] for _ in range(2)))
 
 
 def test_fused_minimality_equals_plain():

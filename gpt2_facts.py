@@ -12,7 +12,8 @@ then:
      the other example;
   2) suppresses those directions in the ORIGINAL model by orthogonal projection
      W <- W - Σ_k (û_kᵀ W v̂_k) û_k v̂_kᵀ (Sec. 5.2) and reads P(golf), P(basketball) on both
-     prompts (paper: golf 0.620 -> 0.090 while basketball stays 0.630);
+     prompts (paper, Figure 3: golf 0.620 -> 0.090 while basketball stays 0.630; values as first
+     recorded here from the figure, the paper's text gives none);
   3) checks the edit's selectivity on a 100-fact set (A.3.4, Figure 3);
   4) splits the Kobe Bryant edit into its first-name and last-name directions (Figure 4);
   5) checks the reversed prompt "The most famous athlete in golf is" -> " Tiger Woods" (Sec. 6.2);
@@ -363,7 +364,8 @@ def load_tiny(path=TINY_PATH):
         print(f"{path} was trained with another tokenizer, data or config, retraining")
     spd.make_dir(os.path.dirname(path), "--tiny_path")       # before training, not after
     model = train_tiny(tokenizer)
-    spd.atomic_save({"model": model.state_dict(), **made_of}, path)
+    obj = {"model": model.state_dict(), **made_of}
+    spd.atomic_write(path, lambda tmp: torch.save(obj, tmp))  # a torch file whatever the name
     return model, tokenizer
 
 def train_tiny(tokenizer, lr=3e-3, max_steps=4000, eval_interval=50, seed=0):
@@ -527,6 +529,9 @@ def parse_config(argv):
     if cfg.batch_size % len(ATHLETE_FACTS):
         raise spd.SPDError(f"--batch_size must be a multiple of {len(ATHLETE_FACTS)} "
                            f"(every batch holds both facts), got {cfg.batch_size}")
+    if cfg.last_token_only:  # spd takes the last column, a pad token for the shorter fact
+        raise spd.SPDError("--last_token_only=true: the facts are right-padded to different "
+                           "lengths, so the last position is not each fact's own; use false (A.3.1)")
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     return cfg
@@ -715,7 +720,7 @@ def run(cfg):
     res["where"] = report_where(model, s, on, tokenizer, edit_layers, more)
 
     res["wall_seconds"] = time.time() - t_start
-    spd.atomic_save(res, os.path.join(cfg.out_dir, "results.json"))
+    spd.atomic_json(res, os.path.join(cfg.out_dir, "results.json"))
     if os.path.exists(checkpoint):
         os.remove(checkpoint)                                    # complete: results.json holds it
     figures = save_figures(res, cfg.out_dir)
@@ -782,7 +787,7 @@ def report_unique(on, edit_layers, tokenizer, tokens):
 def report_suppression(model, edited, edits, tokenizer, P0):
     """Analysis 2: P(golf) and P(basketball) on both prompts, before and after each edit."""
     print("\n(2) suppression by orthogonal projection in the original model "
-          "(paper, golf edit: P(golf) 0.620 -> 0.090, P(basketball) stays 0.630)")
+          "(paper's Figure 3, golf edit: P(golf) 0.620 -> 0.090, P(basketball) stays 0.630)")
     print(f"{'edit':14s} {'directions':28s} | Kobe: P(basketball) P(golf) | Tiger: P(basketball) P(golf)")
     fmt = lambda P: f"{P[0][0]:19.4f} {P[0][1]:7.4f} | {P[1][0]:20.4f} {P[1][1]:7.4f}"
     print(f"{'none':14s} {'':28s} | {fmt(P0)}")

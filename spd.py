@@ -31,8 +31,8 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import time
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -109,6 +109,8 @@ def match_modules(model, patterns):
     """Names of the modules matching glob patterns such as 'blocks.*.attn.q_proj'."""
     if isinstance(patterns, str):
         patterns = [p for p in patterns.split(",") if p]
+    if not patterns:
+        raise SPDError("no module patterns: name the layers to decompose, e.g. 'blocks.*.attn.q_proj'")
     decomposable = [n for n, m in model.named_modules()
                     if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
     names = []
@@ -156,10 +158,6 @@ class SPDModel(nn.Module):
             self.model.set_submodule(name, layer)
             self.layers[name] = layer
 
-    @staticmethod
-    def logits(out):
-        return out.logits if hasattr(out, "logits") else out  # transformers returns an object
-
     def forward(self, x, masks=None):
         return self.run_mask_sets(x, [masks or {}])[0]
 
@@ -170,20 +168,21 @@ class SPDModel(nn.Module):
         target weight in that set's rows (the layerwise and partial losses need this).
         Returns logits (K, B, S, vocab), or (K, B, vocab) of the final position if final_only."""
         K, B = len(mask_sets), x.shape[0]
-        self._check_names({n for m in mask_sets for n in m})
-        stacked = {}
-        for name in self.layers:
+        stacked = {}                                  # (unknown names: masked() says so)
+        for name in dict.fromkeys(n for m in mask_sets for n in m):
             ks = [k for k, m in enumerate(mask_sets) if name in m]
-            if not ks:
-                continue
             alpha = torch.cat([mask_sets[k][name] for k in ks])                  # (len(ks)·B, S, C)
+            if alpha.shape[:2] != (len(ks) * B, x.shape[1]):
+                raise SPDError(f"a mask for {name!r} has shape {tuple(mask_sets[ks[0]][name].shape)}; "
+                               f"masks are (B, S, C) = ({B}, {x.shape[1]}, C) for this x")
             rows = None if len(ks) == K else (
                 torch.tensor(ks, device=x.device)[:, None] * B
                 + torch.arange(B, device=x.device)).flatten()                     # (len(ks)·B,)
             stacked[name] = (alpha, rows)
         kwargs = (self.spec["final_only_kwargs"] or {}) if final_only else {}
         with self.masked(stacked):
-            out = self.logits(self.model(x.repeat(K, *[1] * (x.dim() - 1)), **kwargs))  # (K·B, S, V)
+            out = self.model(x.repeat(K, *[1] * (x.dim() - 1)), **kwargs)
+        out = getattr(out, "logits", out)             # (K·B, S, V); transformers returns an object
         if final_only and out.dim() == 3:
             out = out[:, -1]                                                      # (K·B, V)
         return out.view(K, B, *out.shape[1:])
@@ -192,7 +191,10 @@ class SPDModel(nn.Module):
     def masked(self, masks):
         """Inside, self.model(...) runs with {name: alpha} (or {name: (alpha, rows)}) set; use it
         to call the model with its own arguments, e.g. to read attention patterns."""
-        self._check_names(masks)
+        unknown = sorted(set(masks) - self.layers.keys())
+        if unknown:
+            raise SPDError(f"mask for {unknown[0]!r}, which is not decomposed; decomposed: "
+                           f"{_short(list(self.layers))}")
         try:
             for name, m in masks.items():
                 alpha, rows = m if isinstance(m, tuple) else (m, None)
@@ -205,19 +207,14 @@ class SPDModel(nn.Module):
             for layer in self.layers.values():
                 layer.mask = None
 
-    def _check_names(self, names):
-        unknown = sorted(set(names) - self.layers.keys())
-        if unknown:
-            raise SPDError(f"mask for {unknown[0]!r}, which is not decomposed; decomposed: "
-                           f"{_short(list(self.layers))}")
-
     @torch.no_grad()
     def target_forward(self, x):
         """Algorithm 3 step 2: the target's logits and each decomposed layer's input."""
         for layer in self.layers.values():
             layer.record = True
         try:
-            logits = self.logits(self.model(x))
+            out = self.model(x)
+            logits = getattr(out, "logits", out)      # transformers returns an object
             inputs = {n: layer.last_input for n, layer in self.layers.items()}
         finally:
             for layer in self.layers.values():
@@ -236,11 +233,13 @@ class SPDModel(nn.Module):
 # 3. Causal importance: g_c = σ_H(γ_c(input)) in [0, 1]^(B, S, C)   (Sec. 4.1, Eq. 4, Alg. 1)
 
 class GammaMLPs(nn.Module):
-    """C independent one-hidden-layer GELU MLPs γ_c, evaluated as a few batched tensor ops.
+    """C independent one-hidden-layer GELU MLPs γ_c, evaluated as a few batched tensor ops: SPD's
+    vector and scalar CI functions (the attention CI below feeds them its own input).
 
-    vector (n_in given): γ_c(x) = w2_c · gelu(W1_c x + b1_c) + b2_c for the same x ∈ R^n_in;
+    vector (n_in given): γ_c(x) = w2_c · gelu(W1_c x + b1_c) + b2_c on the layer input x ∈ R^n_in;
         the C first layers are stacked in W1 (C·H, n_in), so they are one matmul.
-    scalar (n_in None):  γ_c(a_c) = w2_c · gelu(a_c w1_c + b1_c) + b2_c on its own scalar a_c.
+    scalar (n_in None):  γ_c(a_c) = w2_c · gelu(a_c w1_c + b1_c) + b2_c on its own inner
+        activation a_c = V_c x (forward is given x and V).
     `reference` is the plain form. On the CPU, forward runs the same function through
     _ChunkedGamma (faster, equal up to float rounding; tested in float64); on a GPU, and inside
     torch.compile, it runs `reference`."""
@@ -262,7 +261,9 @@ class GammaMLPs(nn.Module):
             h = F.linear(x, self.W1, self.b1).unflatten(-1, (self.C, self.H))  # (..., C, H)
         return (F.gelu(h) * self.W2).sum(-1) + self.b2          # (..., C)
 
-    def forward(self, x):
+    def forward(self, x, V=None):                              # x (B, S, n_in or d_in), V (C, d_in)
+        if self.scalar:
+            x = x @ V.T                                        # (B, S, C) inner activations
         chunked = (not x.is_cuda and not torch.compiler.is_compiling() if self.chunked is None
                    else self.chunked)
         if not chunked:
@@ -322,18 +323,6 @@ class _ChunkedGamma(torch.autograd.Function):
         return None, gx, gW1, gb1, gW2, grad.sum(0)
 
 
-class MLPCI(nn.Module):
-    """γ_c on the inner activation V_c x (scalar: a number per subcomponent) or on the layer
-    input x (vector), as in SPD."""
-
-    def __init__(self, d_in, C, H, scalar=False):
-        super().__init__()
-        self.gamma = GammaMLPs(C, H, None if scalar else d_in)
-
-    def forward(self, x, V=None):                              # x (B, S, d_in), V (C, d_in)
-        return self.gamma(x @ V.T if self.gamma.scalar else x)  # (B, S, C)
-
-
 class AttentionCI(nn.Module):
     """The paper's causal importance for sequences (Eq. 4, Algorithm 1):
 
@@ -369,10 +358,8 @@ class AttentionCI(nn.Module):
 
 
 def ci_attention(q, k, v, r, causal=True, flex=None):
-    """softmax((q kᵀ + r) / √d) v with r[i - j + S - 1] the bias of query i, key j.
-
-    flex=None picks by device: flex-attention (compiled) on CUDA; plain math elsewhere, because
-    torch 2.13's flex-attention has no backward on CPU. Both compute the same function."""
+    """softmax((q kᵀ + r) / √d) v with r[i - j + S - 1] the bias of query i, key j. flex=None picks
+    flex-attention (compiled) on CUDA, plain math elsewhere (torch 2.13's flex has no CPU backward)."""
     S, d = q.shape[-2], q.shape[-1]
     if (q.is_cuda if flex is None else flex):
         return _flex_attention(q, k, v, r, causal)
@@ -394,8 +381,7 @@ def _flex_attention(q, k, v, r, causal):
         _FLEX[fn] = torch.compile(flex_attention) if q.is_cuda else flex_attention
     key = (S, q.device)
     if causal and key not in _FLEX:
-        _FLEX[key] = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S,
-                                       device=q.device)
+        _FLEX[key] = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S, device=q.device)
 
     def score_mod(score, b, h, qi, ki):  # flex has already scaled q·k by 1/√d
         return score + r[qi - ki + S - 1] / math.sqrt(d)
@@ -407,7 +393,7 @@ def _flex_attention(q, k, v, r, causal):
 
 def make_ci(kind, d_in, C, d_gate, max_seq_len=None, causal=True):
     if kind in ("scalar", "vector"):
-        return MLPCI(d_in, C, d_gate, scalar=kind == "scalar")
+        return GammaMLPs(C, d_gate, None if kind == "scalar" else d_in)
     if kind == "attention":
         if not max_seq_len:
             raise SPDError("the attention CI needs max_seq_len (the longest sequence it will see)")
@@ -457,8 +443,9 @@ def sample_masks(g):
 # 5. Losses
 
 def kl_divergence(logits, target_logits, weight=None):
-    """D_KL(target || pred) = Σ_v p_target (log p_target - log p_pred), summed over the last
-    (vocabulary) dim and averaged over all others, or weighted by `weight` (same leading shape)."""
+    """D_KL(target || pred) = Σ_v p_target (log p_target - log p_pred) (SPD's code; Eq. 2-6 list
+    the arguments the other way, README), summed over the last (vocabulary) dim and averaged
+    over all others, or weighted by `weight` (same leading shape)."""
     kl = F.kl_div(logits.log_softmax(-1), target_logits.log_softmax(-1), log_target=True,
                   reduction="none").sum(-1)
     return kl.mean() if weight is None else (kl * weight).sum() / weight.expand_as(kl).sum()
@@ -538,8 +525,8 @@ RECONSTRUCTIONS = {
 def reconstruction_losses(spd, x, target_logits, g, R, names, weight=None, last_token_only=False):
     """The named reconstruction losses {name: value}, all from one batched forward.
 
-    Each is the mean over its mask sets of kl_divergence(f(x | masks), f(x | W)), on the final
-    position only if last_token_only, else over positions weighted by `weight` (B, S)."""
+    Each is the mean over its mask sets of kl_divergence(f(x | masks), f(x | W)), on the last
+    column only if last_token_only (so no right padding), else weighted by `weight` (B, S)."""
     sets = {n: RECONSTRUCTIONS[n](g, R) for n in names}
     flat = [m for n in names for m in sets[n]]
     if not flat:
@@ -554,7 +541,7 @@ def reconstruction_losses(spd, x, target_logits, g, R, names, weight=None, last_
 # -----------------------------------------------------------------------------
 # 6. Training step (Algorithm 3) and loop
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     """SPD hyperparameters; defaults are the paper's induction-head values (Table 4)."""
     C: int = 100                              # subcomponents per decomposed matrix
@@ -664,9 +651,8 @@ def beta_minimality_at(cfg, step):
 
 
 def lr_at(cfg, step):
-    """Linear warm-up, then constant or "cosine": a quarter period lr·cos(π/2 · t/(T-1)) from
-    lr down to 0 at the last step, the form of SPD's code when the paper was written (the
-    half period 0.5 (1 + cos(π t/T)) came later)."""
+    """Linear warm-up, then constant or "cosine": lr·cos(π/2 · t/(T-1)), a quarter period down to 0
+    at the last step, SPD's code when the paper was written (the half period came later)."""
     warm = int(cfg.lr_warmup * cfg.steps)
     if step < warm:
         return cfg.lr * (step + 1) / warm
@@ -708,8 +694,7 @@ def make_optimizer(spd, cfg):
 
 def faithfulness_warmup(spd, cfg):
     """Fit U V to W on the faithfulness loss alone before the main run (SPD's code does this)."""
-    opt = torch.optim.Adam([p for l in spd.layers.values() for p in (l.U, l.V)],
-                           lr=cfg.faithfulness_warmup_lr)
+    opt = torch.optim.Adam([p for l in spd.layers.values() for p in (l.U, l.V)], lr=cfg.faithfulness_warmup_lr)
     for _ in range(cfg.faithfulness_warmup_steps):
         opt.zero_grad(set_to_none=True)
         faithfulness_loss(spd).backward()
@@ -721,30 +706,26 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
     """Train U, V and the CI functions for cfg.steps steps (Algorithm 3 in a loop).
 
     next_batch() returns x, or (x, weight) with weight (B, S) marking the positions that count.
-    Every cfg.checkpoint_every steps and on Ctrl-C the run is saved to `checkpoint` (a path),
-    with data_rng (the torch.Generator next_batch draws from); cfg.resume continues it exactly.
-    A non-finite loss stops the run with an SPDError, nothing saved. Returns the history: the
-    loss terms and mean L0 per layer, one dict per log line."""
+    Every cfg.checkpoint_every steps and on Ctrl-C the run is saved to `checkpoint` (a path; a
+    second run on it at once stops), with data_rng (the torch.Generator next_batch draws from);
+    cfg.resume continues it exactly. A non-finite loss stops the run with an SPDError. Returns
+    the history: the loss terms and mean L0 per layer, one dict per log line."""
     from tqdm import tqdm
     torch.manual_seed(cfg.seed)
-    frozen = {n: p.detach().clone() for n, p in spd.named_parameters() if not p.requires_grad}
-    opt, history, first = make_optimizer(spd, cfg), [], 0
-    if cfg.resume:
-        first, history = load_checkpoint(checkpoint, spd, opt, cfg, data_rng)
-        log(f"resumed {checkpoint} at step {first}")
-    elif checkpoint and os.path.exists(checkpoint):
-        raise SPDError(f"{checkpoint} holds an unfinished run: continue it with --resume=true, "
-                       f"or delete it to start again")
-    elif cfg.faithfulness_warmup_steps:
-        try:
+    opt, history, first, stop = make_optimizer(spd, cfg), [], 0, []
+    step_fn = _compiled_step() if cfg.compile else training_step
+    save_now = lambda step: checkpoint and save_checkpoint(checkpoint, spd, opt, cfg, step, history, data_rng)
+    with _locked(checkpoint), _on_interrupt(lambda: stop.append(True)), _deterministic(cfg.compile):
+        if cfg.resume:                         # (Ctrl-C from here on stops after the next step)
+            first, history = load_checkpoint(checkpoint, spd, opt, cfg, data_rng)
+            log(f"resumed {checkpoint} at step {first}")
+        elif checkpoint and os.path.exists(checkpoint):
+            raise SPDError(f"{checkpoint} holds an unfinished run: continue it with --resume=true, "
+                           f"or delete it to start again")
+        elif cfg.faithfulness_warmup_steps:
             log(f"faithfulness warm-up: {cfg.faithfulness_warmup_steps} steps -> "
                 f"L_faithful {faithfulness_warmup(spd, cfg):.2e}")
-        except KeyboardInterrupt:
-            raise SPDError("interrupted during the faithfulness warm-up; nothing saved") from None
-    step_fn = _compiled_step() if cfg.compile else training_step
-    t0, stop = time.time(), []
-    save_now = lambda step: checkpoint and save_checkpoint(checkpoint, spd, opt, cfg, step, history, data_rng)
-    with _on_interrupt(lambda: stop.append(True)), _deterministic(cfg.compile):
+        t0 = time.time()
         bar = tqdm(range(first, cfg.steps), desc="SPD", mininterval=1.0, leave=False, disable=None)
         for step in bar:
             batch = next_batch()
@@ -754,8 +735,10 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
             total, terms, g = step_fn(spd, x, cfg, step, weight)
             if not torch.isfinite(total):
                 bad = next((k for k, v in terms.items() if not torch.isfinite(v)), "total")
+                fix = (f"delete {checkpoint} (an earlier step's) and " if checkpoint and
+                       os.path.exists(checkpoint) else "nothing saved; ")
                 raise SPDError(f"step {step}: the loss term {bad} is {terms.get(bad, total).item()}; "
-                               f"stopped, nothing saved (try a lower --lr or smaller betas)")
+                               f"stopped, {fix}try a lower --lr or smaller betas")
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
@@ -773,8 +756,6 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
                     f"; saved {checkpoint}: continue with --resume=true" if checkpoint else ""))
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 save_now(step + 1)
-    assert all(torch.equal(p, frozen[n]) for n, p in spd.named_parameters() if n in frozen), \
-        "the target's parameters changed"
     return history
 
 
@@ -795,9 +776,8 @@ def _compiled_step():
 
 @contextlib.contextmanager
 def _deterministic(on):
-    """Inside, deterministic algorithms (warn_only unless already strict) if on. A compiled step
-    needs it to repeat exactly: inductor's CPU kernels otherwise sum some gradients (of the
-    attention CI's relative bias) with atomic adds, in a different order every run."""
+    """Inside, deterministic algorithms (warn_only unless already strict) if on: else inductor's CPU
+    kernels sum the CI's relative-bias gradient with atomic adds, and compiled runs differ (README)."""
     was = (torch.are_deterministic_algorithms_enabled(),
            torch.is_deterministic_algorithms_warn_only_enabled())
     if on and not was[0]:
@@ -806,6 +786,23 @@ def _deterministic(on):
         yield
     finally:
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+
+@contextlib.contextmanager
+def _locked(checkpoint):
+    """Inside, the file <checkpoint>.lock exists, made here: two runs cannot write one checkpoint."""
+    lock = checkpoint and f"{checkpoint}.lock"
+    if lock:
+        make_dir(os.path.dirname(lock), "the checkpoint")
+        try:
+            open(lock, "x").close()
+        except FileExistsError:
+            raise SPDError(f"another run is using {checkpoint} (if none is, delete {lock})") from None
+    try:
+        yield
+    finally:
+        if lock:
+            os.remove(lock)
 
 
 @contextlib.contextmanager
@@ -858,6 +855,8 @@ def suppress_subcomponents(target, spd, chosen):
         if name not in spd.layers:
             raise SPDError(f"{name!r} is not a decomposed layer; decomposed: {_short(list(spd.layers))}")
         layer = spd.layers[name]
+        if len(set(cs)) != len(cs) or not all(0 <= c < layer.V.shape[0] for c in cs):
+            raise SPDError(f"{name}: subcomponents {cs} must be distinct, in 0..{layer.V.shape[0] - 1}")
         W = layer_weight(edited.get_submodule(name))           # a view into the copy's weight
         W.copy_(orthogonal_projection(W, layer.U[:, cs].T, layer.V[cs]))
     return edited
@@ -873,7 +872,7 @@ def target_identity(spd):
             for n, l in spd.layers.items()}
 
 
-FORMAT = 1  # version of the files written below
+FORMAT = 2  # version of the files written below (2: the scalar/vector CI is a GammaMLPs itself)
 
 
 def make_dir(path, what):
@@ -895,12 +894,9 @@ def atomic_write(path, write):
     os.replace(f"{root}.tmp{ext}", path)
 
 
-def atomic_save(obj, path):
-    """torch.save(obj, path), or JSON for a path ending in .json, through atomic_write."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    atomic_write(path, write if str(path).endswith(".json") else lambda tmp: torch.save(obj, tmp))
+def atomic_json(obj, path):
+    """json.dumps(obj) to path through atomic_write (results; tensors go through torch.save)."""
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=1)))
 
 
 def read_file(path, what, fix, keys=()):
@@ -925,7 +921,7 @@ def _restore(spd, path, ckpt):
     for name, (shape, digest) in ckpt["identity"].items():
         if mine.get(name) != [shape, digest]:
             raise SPDError(f"{path} was made for a different target: layer {name!r} differs "
-                           f"(shape or weights); delete it or pass the matching target")
+                           f"(shape or weights); pass the target it was made for")
     dev = next(iter(spd.layers.values())).W.device
     spd.load_state_dict({k: v.to(dev) for k, v in ckpt["state"].items()}, strict=False)
 
@@ -935,8 +931,9 @@ def save(spd, path, config=None, **more):
     (and `more`: save_checkpoint's optimizer, step and random states)."""
     config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
     state = {n: p.detach().cpu() for n, p in spd.named_parameters() if p.requires_grad}  # no target
-    atomic_save({"format": FORMAT, "spec": spd.spec, "config": config or {},
-                 "identity": target_identity(spd), "state": state, **more}, path)
+    obj = {"format": FORMAT, "spec": spd.spec, "config": config or {},
+           "identity": target_identity(spd), "state": state, **more}
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load(path, target):

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -170,13 +171,14 @@ def test_gamma_mlps_match_a_loop_over_c():
     torch.manual_seed(0)
     C, H, n_in = 4, 3, 5
     vec, sca = spd.GammaMLPs(C, H, n_in), spd.GammaMLPs(C, H)
-    x, a = torch.randn(2, 3, n_in), torch.randn(2, 3, C)
+    x, V = torch.randn(2, 3, n_in), torch.randn(C, n_in)
+    a = x @ V.T                                               # the scalar CI's inner activations V_c x
     for c in range(C):
         W1 = vec.W1[c * H:(c + 1) * H]                       # γ_c's own first layer (H, n_in)
         ref = F.gelu(x @ W1.T + vec.b1[c * H:(c + 1) * H]) @ vec.W2[c] + vec.b2[c]
         assert torch.allclose(vec(x)[..., c], ref, atol=1e-6)
         ref = F.gelu(a[..., c:c + 1] * sca.W1[c] + sca.b1[c * H:(c + 1) * H]) @ sca.W2[c] + sca.b2[c]
-        assert torch.allclose(sca(a)[..., c], ref, atol=1e-6)
+        assert torch.allclose(sca(x, V)[..., c], ref, atol=1e-6)
 
 
 def value_and_grads(f, tensors, seed=1):
@@ -293,14 +295,33 @@ def test_final_only_forward_gives_the_same_losses():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_ctrl_c_in_faithfulness_warmup_is_one_line(monkeypatch):
+def test_ctrl_c_in_faithfulness_warmup_stops_after_one_step(monkeypatch, tmp_path):
+    import signal
     def interrupted(*a):
-        raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGINT)                  # Ctrl-C while the warm-up runs
+        return 0.0
     monkeypatch.setattr(spd, "faithfulness_warmup", interrupted)
     s = spd.SPDModel(tiny(), "blocks.0.attn.q_proj", C=4, ci="vector", d_gate=4)
-    cfg = spd.Config(ci="vector", steps=2, faithfulness_warmup_steps=5)
-    with pytest.raises(spd.SPDError, match="interrupted during the faithfulness warm-up"):
-        spd.train(s, cfg, lambda: torch.randint(0, 11, (2, 6)), log=lambda *a: None)
+    cfg = spd.Config(ci="vector", steps=5, faithfulness_warmup_steps=5)
+    ckpt = str(tmp_path / "c.pt")
+    with pytest.raises(spd.SPDError, match="interrupted after step 0; saved .*--resume=true"):
+        spd.train(s, cfg, lambda: torch.randint(0, 11, (2, 6)), log=lambda *a: None, checkpoint=ckpt)
+    assert torch.load(ckpt, weights_only=True)["step"] == 1 and os.listdir(tmp_path) == ["c.pt"]  # no lock left
+
+
+def test_two_runs_on_one_checkpoint_at_once(tmp_path):
+    """The second run stops with one line, and the first run's lock is its own: it is left alone."""
+    s = spd.SPDModel(tiny(), "blocks.0.attn.q_proj", C=4, ci="vector", d_gate=4)
+    ckpt = str(tmp_path / "c.pt")
+    with spd._locked(ckpt):
+        with pytest.raises(spd.SPDError, match="another run is using .*c.pt .if none is, delete .*c.pt.lock"):
+            spd.train(s, spd.Config(ci="vector", steps=2), lambda: torch.randint(0, 11, (2, 6)),
+                      log=lambda *a: None, checkpoint=ckpt)
+        assert os.path.exists(ckpt + ".lock")
+    assert not os.path.exists(ckpt + ".lock")
+    spd.train(s, spd.Config(ci="vector", steps=2), lambda: torch.randint(0, 11, (2, 6)),
+              log=lambda *a: None, checkpoint=ckpt)                      # free again: it runs
+    assert os.listdir(tmp_path) == []                                    # finished: no checkpoint, no lock
 
 
 def test_compiled_step_compiles_once(monkeypatch):
@@ -436,7 +457,7 @@ def test_attention_ci_is_position_dependent():
     x = torch.randn(1, 1, 8).expand(1, 10, 8)  # the same token at every position
     g = ci(x)
     assert not torch.allclose(g[0, 3], g[0, 7], atol=1e-4)
-    vec = spd.MLPCI(8, 5, 4)
+    vec = spd.make_ci("vector", 8, 5, 4)
     assert torch.allclose(vec(x)[0, 3], vec(x)[0, 7])  # the vector CI cannot tell them apart
     with pytest.raises(spd.SPDError, match="max_seq_len"):
         ci(torch.randn(1, 11, 8))
@@ -619,6 +640,10 @@ def test_suppress_subcomponents_linear_and_conv1d_agree():
     assert torch.equal(conv[0].weight, lin[0].weight.T)  # the caller's models are untouched
     with pytest.raises(spd.SPDError, match="not a decomposed layer"):
         spd.suppress_subcomponents(lin, a, {"1": [0]})
+    C = a.layers["0"].V.shape[0]
+    for bad in ([1, 1], [-1], [C]):                 # twice would project a direction out twice
+        with pytest.raises(spd.SPDError, match=f"must be distinct, in 0..{C - 1}"):
+            spd.suppress_subcomponents(lin, a, {"0": bad})
 
 
 # -----------------------------------------------------------------------------
@@ -649,6 +674,9 @@ def test_bad_patterns_are_one_line_errors():
     assert "\n" not in str(e.value)
     with pytest.raises(spd.SPDError, match="cannot be decomposed"):
         spd.SPDModel(m, "blocks.*.attn", C=2)
+    for empty in ["", ",", []]:       # no layers: the partial losses' subset draw would never end
+        with pytest.raises(spd.SPDError, match="no module patterns"):
+            spd.SPDModel(m, empty, C=2)
     with pytest.raises(spd.SPDError, match="unknown CI"):
         spd.SPDModel(m, "blocks.0.attn.q_proj", C=2, ci="mlp")
     s = spd.SPDModel(m, "blocks.0.attn.q_proj", C=2)
@@ -657,6 +685,9 @@ def test_bad_patterns_are_one_line_errors():
         s(t, {"blocks.0.attn.k_proj": torch.ones(2, 6, 2)})
     with pytest.raises(spd.SPDError, match="last dimension must be C = 2"):
         s(t, {"blocks.0.attn.q_proj": torch.ones(2, 6, 3)})
+    for shape in [(2, 7, 2), (3, 6, 2), (6, 2)]:    # longer than x, another batch, no batch
+        with pytest.raises(spd.SPDError, match=r"masks are \(B, S, C\) = \(2, 6, C\) for this x"):
+            s(t, {"blocks.0.attn.q_proj": torch.ones(shape)})
     assert torch.equal(s(t), m(t))  # a failed call leaves no mask behind
 
 
@@ -1083,7 +1114,8 @@ def test_induction_script_smoke(tmp_path, capsys):
     assert (tmp_path / "table1_32_sequences.json").exists()
     # Figure 2 on the saved decomposition
     fig = induction.main(induction_argv(tmp_path, "--svd-baseline"))
-    assert (tmp_path / "figure2.json").exists() and fig["full_rank"] == 6 * 16
+    assert (tmp_path / "figure2_32_sequences.json").exists() and fig["full_rank"] == 6 * 16  # (not 1024:
+    assert not (tmp_path / "figure2.json").exists()             # another file, so neither replaces the other)
     assert [p["pieces"] for p in fig["svd"]] == sorted(p["pieces"] for p in fig["svd"])[::-1]
     assert all(0 <= p["pieces"] <= 6 * 8 for p in fig["spd"])
 
@@ -1093,7 +1125,7 @@ def test_induction_bad_input(tmp_path):
         induction.main(induction_argv(tmp_path, "--nope=1"))
     with pytest.raises(spd.SPDError, match="unknown preset"):
         induction.main(induction_argv(tmp_path, "--preset=huge"))
-    with pytest.raises(spd.SPDError, match="no decomposition there"):
+    with pytest.raises(spd.SPDError, match=r"--svd-baseline reads .*none/spd.pt, which is not there: run"):
         induction.main(induction_argv(tmp_path, "--svd-baseline", f"--out_dir={tmp_path}/none",
                                       "--target_steps=1"))
 
@@ -1364,6 +1396,12 @@ BAD_INDUCTION = {  # case -> (extra argv, expected message, file to break first)
     "bench_missing": (["--bench", "--bench_against={d}/none.py"], r"--bench_against=.*none.py is out of range: it must be an existing spd.py file", None),
     "bench_garbage": (["--bench", "--bench_against={d}/bad_target.pt"], r"bad_target.pt is not an importable spd.py", "bad_target.pt:garbage"),
     "bench_not_spd": (["--bench", "--bench_against={d}/other.py"], r"other.py is not an importable spd.py \(AttributeError\)", "other.py:python"),
+    "bare_key": (["--steps"], r"--steps needs a value: --steps=\.\.\.", None),
+    "table1_no_spd": (["--table1", "--out_dir={d}/empty"], r"--table1 reads .*empty/spd.pt, which is not there: run", None),
+    "finished_table1_only": (["--out_dir={d}/t1only"], r"t1only holds a finished run \(table1.json\)", "t1only/table1.json:table1"),
+    "unfinished_target": (["--target_path={d}/half.pt", "--out_dir={d}/new"], r"half.pt is an unfinished target \(step 5\): finish it with --train-target", "half.pt:unfinished"),
+    "half_target_other_recipe": (["--train-target", "--target_path={d}/half.pt", "--target_lr=0.05"], r"half.pt is a target half-trained with lr 0.01, not 0.05", "half.pt:unfinished"),
+    "half_target_no_steps_left": (["--train-target", "--target_path={d}/half.pt", "--target_steps=3"], r"half.pt is at step 5 already: pass a --target_steps above it", "half.pt:unfinished"),
 }
 
 
@@ -1375,13 +1413,16 @@ def test_bad_input_never_loses_work(case, finished_runs, capsys):
         name, how = breaks.split(":")
         os.makedirs(os.path.dirname(d / name), exist_ok=True)
         if how == "other":
-            import shutil
             shutil.copy(d / "other_spd.pt", d / name)
         elif how == "python":
             (d / name).write_text("x = 1\n")
+        elif how == "table1":                                  # a finished run's table, no spd.pt
+            shutil.copy(d / "table1.json", d / name)
+        elif how == "unfinished":                              # a target trained 5 steps, then stopped
+            recipe = dict(batch_size=32, lr=0.01, weight_decay=0.01, warmup=100, seed=0)
+            torch.save({**torch.load(d / "target.pt"), "step": 5, "optimizer": {}, "recipe": recipe}, d / name)
         else:
             if not (d / name).exists():
-                import shutil
                 shutil.copy(d / ("spd.pt" if "spd" in name else "target.pt"), d / name)
             corrupt(d / name, how)
     before = {sub: snapshot(d / sub) for sub in ["", "cut", "foreign"] if (d / sub).exists()}
@@ -1395,6 +1436,7 @@ def test_bad_input_never_loses_work(case, finished_runs, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--C=0"], "--C=0 is out of range"), (["--threshold=-0.1"], "--threshold=-0.1 is out of range"),
     (["--batch_size=3"], "--batch_size must be a multiple of 2"), (["--steps=-1"], "--steps=-1 is out of range"),
+    (["--last_token_only=true"], "the facts are right-padded"),
 ])
 def test_facts_bad_config(extra, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -1425,7 +1467,7 @@ def test_decomposition_is_saved_before_table1(tmp_path, monkeypatch, capsys):
     assert induction.cli(induction_argv(tmp_path, "--table1", "--eval_batch=1e9")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: out of memory (DefaultCPUAllocator") and \
-        "--table1 --eval_batch=N" in err[0], err
+        "--C or --d_gate (a new run) or --eval_batch" in err[0], err
     def bug(*a, **k):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
     monkeypatch.setattr(induction, "table1", bug)

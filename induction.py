@@ -234,7 +234,8 @@ def train_target(steps=3000, batch_size=256, lr=1e-2, weight_decay=0.01, warmup=
         was = ckpt.get("recipe", recipe)                    # (files older than the key: unchecked)
         diff = [k for k in recipe if was.get(k) != recipe[k]]
         if diff:
-            raise spd.SPDError(f"{save_path} is a target half-trained with {diff[0]} {was.get(diff[0])}, "
+            flag = "--seed" if diff[0] == "seed" else f"--target_{diff[0]}"
+            raise spd.SPDError(f"{save_path} is a target half-trained with {flag}={was.get(diff[0])}, "
                                f"not {recipe[diff[0]]}: continue it with its recipe, or pass another "
                                f"--target_path")
         if ckpt["step"] >= steps:
@@ -851,9 +852,10 @@ def main(argv):
         raise spd.SPDError(f"{cfg.out_dir} holds a finished run ({done[0]}); " + ("nothing to resume"
                            if cfg.resume else "pass another --out_dir, or delete it to run again"))
     if set(modes) & {"--table1", "--svd-baseline"} and not os.path.exists(out("spd.pt")):
-        raise spd.SPDError(f"{modes[0]} reads {out('spd.pt')}, which is not there: run `python induction.py"
-                           f" --out_dir={cfg.out_dir}` first" + (" (--resume=true: it holds a checkpoint)"
-                           if os.path.exists(out("checkpoint.pt")) else ""))
+        raise spd.SPDError(f"{modes[0]} reads {out('spd.pt')}, which is not there: " + (
+            "finish its run with --resume=true and the run's settings" if os.path.exists(out("checkpoint.pt"))
+            else "pass the --out_dir of a finished run" if done else
+            "run the decomposition with the same settings (without the mode) first"))
     if "--train-target" in modes or not os.path.exists(cfg.target_path):  # checked before training
         spd.make_dir(os.path.dirname(cfg.target_path), "--target_path")
     t0 = time.time()

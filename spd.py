@@ -48,10 +48,8 @@ class SPDError(Exception):
 # 1. Decomposed layers (Eq. 1): W ≈ U V = Σ_c U[:, c] V[c, :]
 
 def layer_weight(module):
-    """The weight W of a Linear or GPT-2 Conv1D in the paper's layout (d_out, d_in).
-
-    transformers' Conv1D stores its weight as (d_in, d_out); we return a transposed view, so
-    writing into the result writes the module's weight."""
+    """The weight W of a Linear or GPT-2 Conv1D as (d_out, d_in); Conv1D stores (d_in, d_out), so
+    for it a transposed view (writing into the result writes the module's weight)."""
     if isinstance(module, nn.Linear):
         return module.weight
     if type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D, y = x W + b
@@ -64,10 +62,8 @@ class DecomposedLayer(nn.Module):
 
     V (C, d_in) reads the input, U (d_out, C) writes the output. With a mask alpha (..., C):
         y = U (alpha ⊙ (V x)) + b        (b: the target's bias, frozen)
-    Init: V ~ N(0, 1/d_in), U ~ N(0, 1/C), random as in SPD; the faithfulness loss (and the
-    optional faithfulness warm-up in `train`) pulls U V onto W.
-    The layer runs the target itself unless a mask is set (see SPDModel.forward), and it holds
-    its own causal-importance function `ci` (section 3)."""
+    Init: V ~ N(0, 1/d_in), U ~ N(0, 1/C), random as in SPD; the faithfulness loss pulls U V
+    onto W. Without a mask set the layer runs the target itself; it holds its own CI `ci`."""
 
     def __init__(self, target, C, ci):
         super().__init__()
@@ -168,13 +164,13 @@ class SPDModel(nn.Module):
         target weight in that set's rows (the layerwise and partial losses need this).
         Returns logits (K, B, S, vocab), or (K, B, vocab) of the final position if final_only."""
         K, B = len(mask_sets), x.shape[0]
+        bad = next((a for m in mask_sets for a in m.values() if a.shape[:2] != (B, x.shape[1])), None)
+        if bad is not None:
+            raise SPDError(f"a mask has shape {tuple(bad.shape)}; masks are (B, S, C) = ({B}, {x.shape[1]}, C)")
         stacked = {}                                  # (unknown names: masked() says so)
         for name in dict.fromkeys(n for m in mask_sets for n in m):
             ks = [k for k, m in enumerate(mask_sets) if name in m]
             alpha = torch.cat([mask_sets[k][name] for k in ks])                  # (len(ks)·B, S, C)
-            if alpha.shape[:2] != (len(ks) * B, x.shape[1]):
-                raise SPDError(f"a mask for {name!r} has shape {tuple(mask_sets[ks[0]][name].shape)}; "
-                               f"masks are (B, S, C) = ({B}, {x.shape[1]}, C) for this x")
             rows = None if len(ks) == K else (
                 torch.tensor(ks, device=x.device)[:, None] * B
                 + torch.arange(B, device=x.device)).flatten()                     # (len(ks)·B,)
@@ -240,9 +236,8 @@ class GammaMLPs(nn.Module):
         the C first layers are stacked in W1 (C·H, n_in), so they are one matmul.
     scalar (n_in None):  γ_c(a_c) = w2_c · gelu(a_c w1_c + b1_c) + b2_c on its own inner
         activation a_c = V_c x (forward is given x and V).
-    `reference` is the plain form. On the CPU, forward runs the same function through
-    _ChunkedGamma (faster, equal up to float rounding; tested in float64); on a GPU, and inside
-    torch.compile, it runs `reference`."""
+    `reference` is the plain form; on a CPU, forward runs the same function through _ChunkedGamma
+    (faster, equal up to rounding; tested in float64), on a GPU and under torch.compile `reference`."""
 
     def __init__(self, C, H, n_in=None):
         super().__init__()
@@ -328,14 +323,13 @@ class AttentionCI(nn.Module):
 
         g_{c,n} = σ_H(γ_c(x̄_n)),  x̄_n = softmax((q_n Kᵀ + r_n) / √d) V  ⊕  x_pos,n
 
-    one head, one layer, Q/K/V only (no bias, no output projection); q = Q x and k = K x carry
-    no absolute position, the learned relative bias r[i - j] is added to the scores, and the
-    learned absolute encoding is added for the values and the concatenated input
-    (x_pos = x + AbsPosEnc). Algorithm 1 lists RelPosEnc as (2s × d) while Eq. 4 and the text
-    call r_n "the row of learned relative positional biases"; we use one scalar bias per
-    offset, i.e. 2·max_seq_len - 1 numbers.
-    Causal masking: the paper is silent (its RelPosEnc has offsets both ways). Default causal=True
-    (position n sees positions ≤ n, like the model it explains); the README measures causal=False."""
+    one head, one layer, Q/K/V only (no bias, no output projection); q = Q x and k = K x carry no
+    absolute position, the learned relative bias r[i - j] is added to the scores, and the learned
+    absolute encoding to the values and the concatenated input (x_pos = x + AbsPosEnc). Algorithm 1
+    lists RelPosEnc as (2s × d), Eq. 4 and the text call r_n "the row of learned relative positional
+    biases": we use one scalar bias per offset, 2·max_seq_len - 1 numbers. Causal masking: the paper
+    is silent (its RelPosEnc has offsets both ways); default causal=True (position n sees positions
+    <= n, like the model it explains); the README measures causal=False."""
 
     def __init__(self, d, C, H, max_seq_len, causal=True):
         super().__init__()
@@ -589,6 +583,7 @@ def apply_overrides(cfg, args):
             raise SPDError(f"bad argument {arg!r}: use --key=value")
         if key not in fields:
             raise SPDError(f"unknown config key {key!r}; known: {', '.join(fields)}")
+        value = os.path.expanduser(value) if value.startswith("~/") else value  # (no shell expands ~ after =)
         kind = type(getattr(cfg, key))
         try:
             if kind is bool:
@@ -716,7 +711,7 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
     step_fn = _compiled_step() if cfg.compile else training_step
     save_now = lambda step: checkpoint and save_checkpoint(checkpoint, spd, opt, cfg, step, history, data_rng)
     with _locked(checkpoint), _on_interrupt(lambda: stop.append(True)), _deterministic(cfg.compile):
-        if cfg.resume:                         # (Ctrl-C from here on stops after the next step)
+        if cfg.resume:                 # (Ctrl-C from here on stops after the warm-up and a step)
             first, history = load_checkpoint(checkpoint, spd, opt, cfg, data_rng)
             log(f"resumed {checkpoint} at step {first}")
         elif checkpoint and os.path.exists(checkpoint):
@@ -790,19 +785,22 @@ def _deterministic(on):
 
 @contextlib.contextmanager
 def _locked(checkpoint):
-    """Inside, the file <checkpoint>.lock exists, made here: two runs cannot write one checkpoint."""
-    lock = checkpoint and f"{checkpoint}.lock"
-    if lock:
-        make_dir(os.path.dirname(lock), "the checkpoint")
-        try:
-            open(lock, "x").close()
-        except FileExistsError:
-            raise SPDError(f"another run is using {checkpoint} (if none is, delete {lock})") from None
-    try:
+    """Inside, an exclusive flock on <checkpoint>.lock, which the OS frees however the process ends:
+    two runs cannot write one checkpoint at once (on Windows, without fcntl, there is no lock)."""
+    if not checkpoint or os.name == "nt":
         yield
-    finally:
-        if lock:
-            os.remove(lock)
+        return
+    import fcntl
+    make_dir(os.path.dirname(checkpoint), "the checkpoint")
+    with open(f"{checkpoint}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SPDError(f"another run is using {checkpoint}: wait for it, or pass another --out_dir") from None
+        try:
+            yield
+        finally:
+            os.remove(f.name)                                  # (still locked: no run can take it)
 
 
 @contextlib.contextmanager
@@ -872,7 +870,7 @@ def target_identity(spd):
             for n, l in spd.layers.items()}
 
 
-FORMAT = 2  # version of the files written below (2: the scalar/vector CI is a GammaMLPs itself)
+FORMAT = 1  # version of the files written below
 
 
 def make_dir(path, what):
@@ -923,7 +921,11 @@ def _restore(spd, path, ckpt):
             raise SPDError(f"{path} was made for a different target: layer {name!r} differs "
                            f"(shape or weights); pass the target it was made for")
     dev = next(iter(spd.layers.values())).W.device
-    spd.load_state_dict({k: v.to(dev) for k, v in ckpt["state"].items()}, strict=False)
+    old = ckpt["spec"]["ci"] != "attention"                   # files before 227853f: ...ci.gamma.W1
+    state = {k.replace(".ci.gamma.", ".ci.") if old else k: v.to(dev) for k, v in ckpt["state"].items()}
+    bad = spd.load_state_dict(state, strict=False).unexpected_keys
+    if bad:
+        raise SPDError(f"{path} holds {bad[0]!r}, which this code's decomposition has not")
 
 
 def save(spd, path, config=None, **more):

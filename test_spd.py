@@ -314,7 +314,7 @@ def test_two_runs_on_one_checkpoint_at_once(tmp_path):
     s = spd.SPDModel(tiny(), "blocks.0.attn.q_proj", C=4, ci="vector", d_gate=4)
     ckpt = str(tmp_path / "c.pt")
     with spd._locked(ckpt):
-        with pytest.raises(spd.SPDError, match="another run is using .*c.pt .if none is, delete .*c.pt.lock"):
+        with pytest.raises(spd.SPDError, match="another run is using .*c.pt: wait for it, or pass another --out_dir"):
             spd.train(s, spd.Config(ci="vector", steps=2), lambda: torch.randint(0, 11, (2, 6)),
                       log=lambda *a: None, checkpoint=ckpt)
         assert os.path.exists(ckpt + ".lock")
@@ -666,6 +666,24 @@ def test_save_load_roundtrip_and_mismatch(tmp_path):
         spd.load(tmp_path / "missing.pt", m)
 
 
+def test_load_reads_the_vector_ci_layout_of_older_files(tmp_path):
+    """Files from before 227853f keep a scalar/vector CI's MLPs under .ci.gamma.; they load the
+    same, and a key this code does not know is an error, not silently left out."""
+    m = tiny()
+    s = spd.SPDModel(m, "blocks.0.attn.q_proj", C=3, ci="vector", d_gate=2)
+    spd.save(s, str(tmp_path / "new.pt"))
+    ckpt = torch.load(tmp_path / "new.pt", weights_only=True)
+    ckpt["state"] = {k.replace(".ci.", ".ci.gamma."): v for k, v in ckpt["state"].items()}
+    assert any(".ci.gamma.W1" in k for k in ckpt["state"])
+    torch.save(ckpt, tmp_path / "old.pt")
+    t = spd.load(str(tmp_path / "old.pt"), m)[0]
+    assert all(torch.equal(a, b) for a, b in zip(s.trainable_parameters(), t.trainable_parameters()))
+    ckpt["state"]["model.x"] = torch.zeros(1)
+    torch.save(ckpt, tmp_path / "odd.pt")
+    with pytest.raises(spd.SPDError, match="holds 'model.x', which this code's decomposition has not"):
+        spd.load(str(tmp_path / "odd.pt"), m)
+
+
 def test_bad_patterns_are_one_line_errors():
     m = tiny()
     with pytest.raises(spd.SPDError) as e:
@@ -686,8 +704,8 @@ def test_bad_patterns_are_one_line_errors():
     with pytest.raises(spd.SPDError, match="last dimension must be C = 2"):
         s(t, {"blocks.0.attn.q_proj": torch.ones(2, 6, 3)})
     for shape in [(2, 7, 2), (3, 6, 2), (6, 2)]:    # longer than x, another batch, no batch
-        with pytest.raises(spd.SPDError, match=r"masks are \(B, S, C\) = \(2, 6, C\) for this x"):
-            s(t, {"blocks.0.attn.q_proj": torch.ones(shape)})
+        with pytest.raises(spd.SPDError, match=re.escape(f"mask has shape {shape}; masks are (B, S, C) = (2, 6, C)")):
+            s.run_mask_sets(t, [{"blocks.0.attn.q_proj": torch.ones(2, 6, 2)}, {"blocks.0.attn.q_proj": torch.ones(shape)}])
     assert torch.equal(s(t), m(t))  # a failed call leaves no mask behind
 
 
@@ -1003,7 +1021,7 @@ def test_bad_input_is_a_one_line_error(case, tmp_path, monkeypatch, capsys):
     (tmp_path / "empty").mkdir()
     argv, expect = {
         "missing_folder": ([f"--model={tmp_path / 'no_such_model'}"], "could not load GPT-2 weights"),
-        "empty_folder": ([f"--model={tmp_path / 'empty'}"], "could not load GPT-2 weights"),
+        "empty_folder": ([f"--model={tmp_path / 'empty'}"], "; it needs config.json, model weights and tokenizer files"),
         "unknown_key": (["--nope=1"], "unknown config key 'nope'"),
         "bad_type": (["--model=tiny", "--steps=abc"], "--steps needs an int"),
         "bad_bool": (["--model=tiny", "--save=maybe"], "--save needs true or false"),
@@ -1125,7 +1143,7 @@ def test_induction_bad_input(tmp_path):
         induction.main(induction_argv(tmp_path, "--nope=1"))
     with pytest.raises(spd.SPDError, match="unknown preset"):
         induction.main(induction_argv(tmp_path, "--preset=huge"))
-    with pytest.raises(spd.SPDError, match=r"--svd-baseline reads .*none/spd.pt, which is not there: run"):
+    with pytest.raises(spd.SPDError, match=r"--svd-baseline reads .*none/spd.pt, which is not there: run the decomposition"):
         induction.main(induction_argv(tmp_path, "--svd-baseline", f"--out_dir={tmp_path}/none",
                                       "--target_steps=1"))
 
@@ -1397,10 +1415,11 @@ BAD_INDUCTION = {  # case -> (extra argv, expected message, file to break first)
     "bench_garbage": (["--bench", "--bench_against={d}/bad_target.pt"], r"bad_target.pt is not an importable spd.py", "bad_target.pt:garbage"),
     "bench_not_spd": (["--bench", "--bench_against={d}/other.py"], r"other.py is not an importable spd.py \(AttributeError\)", "other.py:python"),
     "bare_key": (["--steps"], r"--steps needs a value: --steps=\.\.\.", None),
-    "table1_no_spd": (["--table1", "--out_dir={d}/empty"], r"--table1 reads .*empty/spd.pt, which is not there: run", None),
+    "table1_no_spd": (["--table1", "--out_dir={d}/empty"], r"--table1 reads .*empty/spd.pt, which is not there: run the decomposition with the same settings", None),
     "finished_table1_only": (["--out_dir={d}/t1only"], r"t1only holds a finished run \(table1.json\)", "t1only/table1.json:table1"),
+    "table1_of_a_table_only": (["--table1", "--out_dir={d}/t1only"], r"t1only/spd.pt, which is not there: pass the --out_dir of a finished run", "t1only/table1.json:table1"),
     "unfinished_target": (["--target_path={d}/half.pt", "--out_dir={d}/new"], r"half.pt is an unfinished target \(step 5\): finish it with --train-target", "half.pt:unfinished"),
-    "half_target_other_recipe": (["--train-target", "--target_path={d}/half.pt", "--target_lr=0.05"], r"half.pt is a target half-trained with lr 0.01, not 0.05", "half.pt:unfinished"),
+    "half_target_other_recipe": (["--train-target", "--target_path={d}/half.pt", "--target_lr=0.05"], r"half.pt is a target half-trained with --target_lr=0.01, not 0.05", "half.pt:unfinished"),
     "half_target_no_steps_left": (["--train-target", "--target_path={d}/half.pt", "--target_steps=3"], r"half.pt is at step 5 already: pass a --target_steps above it", "half.pt:unfinished"),
 }
 
@@ -1443,6 +1462,13 @@ def test_facts_bad_config(extra, message, capsys):
         gpt2_facts.main(["--model=tiny", *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code != 0 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_home_paths_are_expanded():
+    """`--out_dir=~/x` reaches the program unexpanded (a shell expands ~ only at a word's start):
+    it means the home folder, not a folder named ~ in the current one."""
+    cfg = spd.apply_overrides(induction.InductionConfig(), ["--out_dir=~/runs/a", "--target_path=a~/t.pt"])
+    assert cfg.out_dir == os.path.join(os.path.expanduser("~"), "runs/a") and cfg.target_path == "a~/t.pt"
 
 
 def test_int_flags_take_whole_numbers_only():

@@ -773,8 +773,7 @@ def _compiled_step():
 def _deterministic(on):
     """Inside, deterministic algorithms (warn_only unless already strict) if on: else inductor's CPU
     kernels sum the CI's relative-bias gradient with atomic adds, and compiled runs differ (README)."""
-    was = (torch.are_deterministic_algorithms_enabled(),
-           torch.is_deterministic_algorithms_warn_only_enabled())
+    was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     if on and not was[0]:
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
@@ -785,9 +784,8 @@ def _deterministic(on):
 
 @contextlib.contextmanager
 def _locked(checkpoint):
-    """Inside, an exclusive flock on <checkpoint>.lock, which the OS frees however the process ends:
-    two runs cannot write one checkpoint at once (on Windows, without fcntl, there is no lock)."""
-    if not checkpoint or os.name == "nt":
+    """Inside, an exclusive flock on <checkpoint>.lock (the OS frees it however the process ends)."""
+    if not checkpoint or os.name == "nt":                      # (Windows has no fcntl: no lock)
         yield
         return
     import fcntl
@@ -797,10 +795,13 @@ def _locked(checkpoint):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise SPDError(f"another run is using {checkpoint}: wait for it, or pass another --out_dir") from None
+        except OSError:                                        # a file system without locks: none
+            pass
         try:
             yield
         finally:
-            os.remove(f.name)                                  # (still locked: no run can take it)
+            with contextlib.suppress(OSError):                 # (still locked: no run can take it)
+                os.remove(f.name)
 
 
 @contextlib.contextmanager

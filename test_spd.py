@@ -324,6 +324,18 @@ def test_two_runs_on_one_checkpoint_at_once(tmp_path):
     assert os.listdir(tmp_path) == []                                    # finished: no checkpoint, no lock
 
 
+def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+    def no_locks(*a):
+        raise OSError(errno.ENOLCK, "No locks available")              # e.g. Lustre without flock
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    s = spd.SPDModel(tiny(), "blocks.0.attn.q_proj", C=4, ci="vector", d_gate=4)
+    spd.train(s, spd.Config(ci="vector", steps=2), lambda: torch.randint(0, 11, (2, 6)),
+              log=lambda *a: None, checkpoint=str(tmp_path / "c.pt"))
+    assert os.listdir(tmp_path) == []
+
+
 def test_compiled_step_compiles_once(monkeypatch):
     """With step passed as a tensor (what train does with --compile=true), p and β_minimality
     are tensors and torch.compile traces the step once for every step, not once per value."""

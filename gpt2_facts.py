@@ -321,9 +321,9 @@ def load_pretrained(name):
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
     except Exception as e:
         if os.path.isdir(name):                  # the user's own folder: say what it lacks
+            why = (str(e).splitlines() or [""])[0][:120]
             raise WeightsUnavailableError(f"could not load GPT-2 from the folder {name!r} ({type(e).__name__}: "
-                                          f"{str(e).splitlines()[0][:120]}); it needs config.json, model "
-                                          f"weights and tokenizer files") from None
+                                          f"{why}); it needs config.json, model weights and tokenizer files") from None
         raise WeightsUnavailableError(
             f"could not load GPT-2 weights {name!r} ({type(e).__name__}; no model hub reachable?): "
             f"run once with hub access to cache them, or pass --model=/path/to/local/gpt2 "

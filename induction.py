@@ -854,7 +854,7 @@ def main(argv):
     if set(modes) & {"--table1", "--svd-baseline"} and not os.path.exists(out("spd.pt")):
         raise spd.SPDError(f"{modes[0]} reads {out('spd.pt')}, which is not there: " + (
             "finish its run with --resume=true and the run's settings" if os.path.exists(out("checkpoint.pt"))
-            else "pass the --out_dir of a finished run" if done else
+            else "it holds table1.json only: run the decomposition again in another --out_dir" if done else
             "run the decomposition with the same settings (without the mode) first"))
     if "--train-target" in modes or not os.path.exists(cfg.target_path):  # checked before training
         spd.make_dir(os.path.dirname(cfg.target_path), "--target_path")

@@ -583,7 +583,7 @@ def apply_overrides(cfg, args):
             raise SPDError(f"bad argument {arg!r}: use --key=value")
         if key not in fields:
             raise SPDError(f"unknown config key {key!r}; known: {', '.join(fields)}")
-        value = os.path.expanduser(value) if value.startswith("~/") else value  # (no shell expands ~ after =)
+        value = os.path.expanduser(value) if value.startswith("~") else value  # (no shell expands ~ after =)
         kind = type(getattr(cfg, key))
         try:
             if kind is bool:
@@ -784,7 +784,8 @@ def _deterministic(on):
 
 @contextlib.contextmanager
 def _locked(checkpoint):
-    """Inside, an exclusive flock on <checkpoint>.lock (the OS frees it however the process ends)."""
+    """Inside, an exclusive flock on <checkpoint>.lock (the OS frees it however the process ends; the
+    empty file stays, as removing it would let two runs lock two files of one name)."""
     if not checkpoint or os.name == "nt":                      # (Windows has no fcntl: no lock)
         yield
         return
@@ -797,11 +798,7 @@ def _locked(checkpoint):
             raise SPDError(f"another run is using {checkpoint}: wait for it, or pass another --out_dir") from None
         except OSError:                                        # a file system without locks: none
             pass
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):                 # (still locked: no run can take it)
-                os.remove(f.name)
+        yield
 
 
 @contextlib.contextmanager
@@ -871,7 +868,7 @@ def target_identity(spd):
             for n, l in spd.layers.items()}
 
 
-FORMAT = 1  # version of the files written below
+FORMAT = 2  # version of the files written below (2: a scalar/vector CI lost .gamma.; 1 is renamed)
 
 
 def make_dir(path, what):
@@ -910,7 +907,7 @@ def read_file(path, what, fix, keys=()):
     missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise SPDError(f"{path} is no {what}: it has no {missing[0]!r}; {fix}")
-    if isinstance(ckpt, dict) and ckpt.get("format", FORMAT) != FORMAT:
+    if isinstance(ckpt, dict) and ckpt.get("format", FORMAT) not in (1, FORMAT):
         raise SPDError(f"{path} has format {ckpt['format']}, this code reads {FORMAT}; {fix}")
     return ckpt
 
@@ -922,11 +919,13 @@ def _restore(spd, path, ckpt):
             raise SPDError(f"{path} was made for a different target: layer {name!r} differs "
                            f"(shape or weights); pass the target it was made for")
     dev = next(iter(spd.layers.values())).W.device
-    old = ckpt["spec"]["ci"] != "attention"                   # files before 227853f: ...ci.gamma.W1
+    old = ckpt["spec"]["ci"] != "attention" and ckpt.get("format") == 1  # format 1: ...ci.gamma.W1
     state = {k.replace(".ci.gamma.", ".ci.") if old else k: v.to(dev) for k, v in ckpt["state"].items()}
-    bad = spd.load_state_dict(state, strict=False).unexpected_keys
+    trainable = [n for n, p in spd.named_parameters() if p.requires_grad]   # (the target is not saved)
+    res = spd.load_state_dict(state, strict=False)
+    bad = res.unexpected_keys + [k for k in res.missing_keys if k in trainable]
     if bad:
-        raise SPDError(f"{path} holds {bad[0]!r}, which this code's decomposition has not")
+        raise SPDError(f"{path} does not fit this code's decomposition: {bad[0]!r} is extra or missing")
 
 
 def save(spd, path, config=None, **more):

@@ -306,7 +306,7 @@ def test_ctrl_c_in_faithfulness_warmup_stops_after_one_step(monkeypatch, tmp_pat
     ckpt = str(tmp_path / "c.pt")
     with pytest.raises(spd.SPDError, match="interrupted after step 0; saved .*--resume=true"):
         spd.train(s, cfg, lambda: torch.randint(0, 11, (2, 6)), log=lambda *a: None, checkpoint=ckpt)
-    assert torch.load(ckpt, weights_only=True)["step"] == 1 and os.listdir(tmp_path) == ["c.pt"]  # no lock left
+    assert torch.load(ckpt, weights_only=True)["step"] == 1 and sorted(os.listdir(tmp_path)) == ["c.pt", "c.pt.lock"]
 
 
 def test_two_runs_on_one_checkpoint_at_once(tmp_path):
@@ -318,10 +318,11 @@ def test_two_runs_on_one_checkpoint_at_once(tmp_path):
             spd.train(s, spd.Config(ci="vector", steps=2), lambda: torch.randint(0, 11, (2, 6)),
                       log=lambda *a: None, checkpoint=ckpt)
         assert os.path.exists(ckpt + ".lock")
-    assert not os.path.exists(ckpt + ".lock")
     spd.train(s, spd.Config(ci="vector", steps=2), lambda: torch.randint(0, 11, (2, 6)),
               log=lambda *a: None, checkpoint=ckpt)                      # free again: it runs
-    assert os.listdir(tmp_path) == []                                    # finished: no checkpoint, no lock
+    assert os.listdir(tmp_path) == ["c.pt.lock"]                         # finished: no checkpoint; the
+    with spd._locked(ckpt):                                              # empty lock file is free again
+        pass
 
 
 def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch):
@@ -333,7 +334,7 @@ def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch):
     s = spd.SPDModel(tiny(), "blocks.0.attn.q_proj", C=4, ci="vector", d_gate=4)
     spd.train(s, spd.Config(ci="vector", steps=2), lambda: torch.randint(0, 11, (2, 6)),
               log=lambda *a: None, checkpoint=str(tmp_path / "c.pt"))
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["c.pt.lock"]
 
 
 def test_compiled_step_compiles_once(monkeypatch):
@@ -686,14 +687,19 @@ def test_load_reads_the_vector_ci_layout_of_older_files(tmp_path):
     spd.save(s, str(tmp_path / "new.pt"))
     ckpt = torch.load(tmp_path / "new.pt", weights_only=True)
     ckpt["state"] = {k.replace(".ci.", ".ci.gamma."): v for k, v in ckpt["state"].items()}
+    ckpt["format"] = 1
     assert any(".ci.gamma.W1" in k for k in ckpt["state"])
     torch.save(ckpt, tmp_path / "old.pt")
     t = spd.load(str(tmp_path / "old.pt"), m)[0]
     assert all(torch.equal(a, b) for a, b in zip(s.trainable_parameters(), t.trainable_parameters()))
     ckpt["state"]["model.x"] = torch.zeros(1)
     torch.save(ckpt, tmp_path / "odd.pt")
-    with pytest.raises(spd.SPDError, match="holds 'model.x', which this code's decomposition has not"):
+    with pytest.raises(spd.SPDError, match="does not fit this code's decomposition: 'model.x' is extra or missing"):
         spd.load(str(tmp_path / "odd.pt"), m)
+    del ckpt["state"]["model.x"], ckpt["state"][next(k for k in ckpt["state"] if k.endswith(".U"))]
+    torch.save(ckpt, tmp_path / "short.pt")
+    with pytest.raises(spd.SPDError, match=r"'model.blocks.0.attn.q_proj.U' is extra or missing"):
+        spd.load(str(tmp_path / "short.pt"), m)
 
 
 def test_bad_patterns_are_one_line_errors():
@@ -1429,7 +1435,7 @@ BAD_INDUCTION = {  # case -> (extra argv, expected message, file to break first)
     "bare_key": (["--steps"], r"--steps needs a value: --steps=\.\.\.", None),
     "table1_no_spd": (["--table1", "--out_dir={d}/empty"], r"--table1 reads .*empty/spd.pt, which is not there: run the decomposition with the same settings", None),
     "finished_table1_only": (["--out_dir={d}/t1only"], r"t1only holds a finished run \(table1.json\)", "t1only/table1.json:table1"),
-    "table1_of_a_table_only": (["--table1", "--out_dir={d}/t1only"], r"t1only/spd.pt, which is not there: pass the --out_dir of a finished run", "t1only/table1.json:table1"),
+    "table1_of_a_table_only": (["--table1", "--out_dir={d}/t1only"], r"t1only/spd.pt, which is not there: it holds table1.json only: run the decomposition again", "t1only/table1.json:table1"),
     "unfinished_target": (["--target_path={d}/half.pt", "--out_dir={d}/new"], r"half.pt is an unfinished target \(step 5\): finish it with --train-target", "half.pt:unfinished"),
     "half_target_other_recipe": (["--train-target", "--target_path={d}/half.pt", "--target_lr=0.05"], r"half.pt is a target half-trained with --target_lr=0.01, not 0.05", "half.pt:unfinished"),
     "half_target_no_steps_left": (["--train-target", "--target_path={d}/half.pt", "--target_steps=3"], r"half.pt is at step 5 already: pass a --target_steps above it", "half.pt:unfinished"),
@@ -1481,6 +1487,7 @@ def test_home_paths_are_expanded():
     it means the home folder, not a folder named ~ in the current one."""
     cfg = spd.apply_overrides(induction.InductionConfig(), ["--out_dir=~/runs/a", "--target_path=a~/t.pt"])
     assert cfg.out_dir == os.path.join(os.path.expanduser("~"), "runs/a") and cfg.target_path == "a~/t.pt"
+    assert spd.apply_overrides(induction.InductionConfig(), ["--out_dir=~"]).out_dir == os.path.expanduser("~")
 
 
 def test_int_flags_take_whole_numbers_only():

@@ -368,8 +368,7 @@ def load_tiny(path=TINY_PATH):
         print(f"{path} was trained with another tokenizer, data or config, retraining")
     spd.make_dir(os.path.dirname(path), "--tiny_path")       # before training, not after
     model = train_tiny(tokenizer)
-    obj = {"model": model.state_dict(), **made_of}
-    spd.atomic_write(path, lambda tmp: torch.save(obj, tmp))  # a torch file whatever the name
+    spd.atomic_save({"model": model.state_dict(), **made_of}, path)
     return model, tokenizer
 
 def train_tiny(tokenizer, lr=3e-3, max_steps=4000, eval_interval=50, seed=0):

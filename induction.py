@@ -281,8 +281,7 @@ def train_target(steps=3000, batch_size=256, lr=1e-2, weight_decay=0.01, warmup=
 def save_target(model, path, **extra):
     """Save the target's config and weights (and `extra`) to path atomically."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    obj = {"config": model.config, "state_dict": state, **extra}
-    spd.atomic_write(path, lambda tmp: torch.save(obj, tmp))  # a torch file whatever the name
+    spd.atomic_save({"config": model.config, "state_dict": state, **extra}, path)
 
 
 def read_target(path):

@@ -437,9 +437,8 @@ def sample_masks(g):
 # 5. Losses
 
 def kl_divergence(logits, target_logits, weight=None):
-    """D_KL(target || pred) = Σ_v p_target (log p_target - log p_pred) (SPD's code; Eq. 2-6 list
-    the arguments the other way, README), summed over the last (vocabulary) dim and averaged
-    over all others, or weighted by `weight` (same leading shape)."""
+    """D_KL(target || pred) = Σ_v p_target (log p_target - log p_pred), as SPD's code (Eq. 2-6 list the
+    arguments the other way; README), summed over the vocabulary, then averaged (or `weight`ed) over the rest."""
     kl = F.kl_div(logits.log_softmax(-1), target_logits.log_softmax(-1), log_target=True,
                   reduction="none").sum(-1)
     return kl.mean() if weight is None else (kl * weight).sum() / weight.expand_as(kl).sum()
@@ -863,9 +862,8 @@ def suppress_subcomponents(target, spd, chosen):
 
 def target_identity(spd):
     """Shape and SHA-256 of every decomposed target weight: a fingerprint of the target."""
-    return {n: [list(l.W.shape), hashlib.sha256(l.W.detach().cpu().contiguous().numpy()
-                                                .tobytes()).hexdigest()]
-            for n, l in spd.layers.items()}
+    digest = lambda W: hashlib.sha256(W.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return {n: [list(l.W.shape), digest(l.W)] for n, l in spd.layers.items()}
 
 
 FORMAT = 2  # version of the files written below (2: a scalar/vector CI lost .gamma.; 1 is renamed)
@@ -890,8 +888,13 @@ def atomic_write(path, write):
     os.replace(f"{root}.tmp{ext}", path)
 
 
+def atomic_save(obj, path):
+    """torch.save(obj, path) through atomic_write, whatever the file's name (results: atomic_json)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
 def atomic_json(obj, path):
-    """json.dumps(obj) to path through atomic_write (results; tensors go through torch.save)."""
+    """json.dumps(obj) to path through atomic_write (results; tensors go through atomic_save)."""
     atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=1)))
 
 
@@ -933,9 +936,8 @@ def save(spd, path, config=None, **more):
     (and `more`: save_checkpoint's optimizer, step and random states)."""
     config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
     state = {n: p.detach().cpu() for n, p in spd.named_parameters() if p.requires_grad}  # no target
-    obj = {"format": FORMAT, "spec": spd.spec, "config": config or {},
-           "identity": target_identity(spd), "state": state, **more}
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_save({"format": FORMAT, "spec": spd.spec, "config": config or {},
+                 "identity": target_identity(spd), "state": state, **more}, path)
 
 
 def load(path, target):
@@ -949,8 +951,7 @@ def load(path, target):
 
 def save_checkpoint(path, spd, opt, cfg, step, history, data_rng=None):
     """Everything a run needs to continue exactly after `step` steps."""
-    save(spd, path, cfg, step=step, history=history, optimizer=opt.state_dict(),
-         rng=torch.get_rng_state(),
+    save(spd, path, cfg, step=step, history=history, optimizer=opt.state_dict(), rng=torch.get_rng_state(),
          cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
          data_rng=data_rng.get_state() if data_rng is not None else None)
 

@@ -463,9 +463,10 @@ def table1(s, target, cfg):
                "attn_kl_layer1": every[0], "attn_kl_layer2": every[1], "attn_kl_mean": sum(every) / 2,
                "attn_kl_layer1_query_m": kl[0][b, m].mean().item(),
                "attn_kl_layer2_query_s2": kl[1][:, -1].mean().item()}
+    oracle, oracle_attn = oracle_kl(target, attention=True)
     return {"threshold": cfg.threshold, "eval_sequences": B, "active": active, "unique": unique,
             "metrics": metrics, "layerwise_by_matrix": layerwise, "mechanism": mechanism_check(target),
-            "oracle_kl": oracle_kl(target)}
+            "oracle_kl": oracle, "oracle_attn_kl": oracle_attn}
 
 
 # Where Table 1 puts each matrix: the position at which it alone is active (Sec. 6.1)
@@ -473,7 +474,7 @@ CIRCUIT = {"Q0": "m", "K0": "s1", "V0": "s1", "Q1": "s2", "K1": "m", "V1": "m"}
 
 
 @torch.no_grad()
-def oracle_kl(target, n=1024, seed=EVAL_SEED + 5, ranks=None, draws=0, basis="svd"):
+def oracle_kl(target, n=1024, seed=EVAL_SEED + 5, ranks=None, draws=0, basis="svd", attention=False):
     """Can the target support Table 1 at all? (A check of ours, not in the paper.)
 
     Each of Q0..V1 is cut into d rank-1 pieces (U V = W); the first ranks[matrix] of them
@@ -484,7 +485,9 @@ def oracle_kl(target, n=1024, seed=EVAL_SEED + 5, ranks=None, draws=0, basis="sv
     (Sec. 4 with g = 0), as the stochastic losses see them; the mean KL of `draws` (seeded) samples.
     basis: the pieces are W's singular directions ("svd"), or those of W in the norm of the
     matrix's inputs x at its position ("data": W = (W Σ^½) Σ^-½ with Σ = E[x xᵀ] there, so the
-    first r pieces are the best rank-r fit of W x at the position)."""
+    first r pieces are the best rank-r fit of W x at the position).
+    attention (draws 0 only): also the attention KLs at the circuit's queries, as in table1's
+    metrics: (KL, {"layer1_query_m": ..., "layer2_query_s2": ...}) (what the circuit alone scores)."""
     if basis not in ("svd", "data"):
         raise spd.SPDError(f"unknown basis {basis!r}: use svd or data")
     cfg, device = target.config, next(target.parameters()).device
@@ -509,7 +512,14 @@ def oracle_kl(target, n=1024, seed=EVAL_SEED + 5, ranks=None, draws=0, basis="sv
         g[name][b, at, :(ranks or {}).get(short, d)] = 1.0
     target_logits = target_logits[:, -1]
     if not draws:
-        return spd.kl_divergence(s(tokens, g)[:, -1], target_logits).item()
+        with s.masked(g) as model:
+            logits, attn = model(tokens, return_attn=True)
+        kl = spd.kl_divergence(logits[:, -1], target_logits).item()
+        if not attention:
+            return kl
+        a = [attention_kl(pt, p) for pt, p in zip(target(tokens, return_attn=True)[1], attn)]
+        return kl, {"layer1_query_m": a[0][b, where["m"]].mean().item(),
+                    "layer2_query_s2": a[1][:, -1].mean().item()}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         kls = [spd.kl_divergence(s(tokens, {k: spd.sample_masks(v) for k, v in g.items()})[:, -1],
@@ -543,7 +553,8 @@ def print_table1(r, log=print):
         f"held-out accuracy {mech['acc']:.4f} -> {mech['acc_no_q_pos']:.4f}")
     log(f"oracle (ours, not in the paper): the paper's circuit with exact components, each matrix only "
         f"at its position ({', '.join(f'{k}@{v}' for k, v in CIRCUIT.items())}), final-token KL "
-        f"{r['oracle_kl']:.2e}")
+        f"{r['oracle_kl']:.2e}; its attention KL at the circuit's queries, layer 1 / 2: "
+        f"{r['oracle_attn_kl']['layer1_query_m']:.3g} / {r['oracle_attn_kl']['layer2_query_s2']:.3g}")
 
 
 # -----------------------------------------------------------------------------

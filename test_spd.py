@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -103,8 +104,8 @@ def exact_components(s):
 
 def test_faithfulness_hand_computation():
     m = tiny()
-    s = spd.SPDModel(m, ["blocks.0.attn.q_proj", "blocks.1.attn.v_proj"], C=3)
-    num, count = 0.0, 0
+    s = spd.SPDModel(m, ["blocks.0.attn.q_proj", "unembed"], C=3)   # 8 x 8 and 11 x 8: the mean is
+    num, count = 0.0, 0                                               # over all entries, not per layer
     for layer in s.layers.values():
         W, U, V = layer.W.double(), layer.U.double(), layer.V.double()
         for i in range(W.shape[0]):
@@ -237,6 +238,17 @@ def test_chunked_gamma_second_derivative():
     assert torch.equal(*(torch.autograd.grad(y, [f.W1], retain_graph=True)[0] for _ in range(2)))
 
 
+def test_chunked_gamma_frees_what_it_kept():
+    """One chunk: h and gelu(h) are kept from forward for backward, and backward lets them go."""
+    f = spd.GammaMLPs(3, 2, 4)
+    f.chunked = True
+    out = f(torch.randn(2, 5, 4))
+    node = out.grad_fn.next_functions[0][0]                           # (out is a view of its output)
+    assert type(node).__name__ == "_ChunkedGammaBackward" and node.kept is not None
+    out.sum().backward()
+    assert node.kept is None
+
+
 def test_fused_minimality_equals_plain():
     """importance_minimality_loss_fused(pre) = importance_minimality_loss(σ_H^upper(pre)), value
     and gradient, float64, at the kinks (0, 1) and on both sides, for p a float or a tensor."""
@@ -323,6 +335,18 @@ def test_two_runs_on_one_checkpoint_at_once(tmp_path):
     assert os.listdir(tmp_path) == ["c.pt.lock"]                         # finished: no checkpoint; the
     with spd._locked(ckpt):                                              # empty lock file is free again
         pass
+
+
+def test_a_resumed_run_takes_the_lock_too(tmp_path):
+    s = spd.SPDModel(tiny(), "blocks.0.attn.q_proj", C=4, ci="vector", d_gate=4)
+    ckpt, batch = str(tmp_path / "c.pt"), lambda: torch.randint(0, 11, (2, 6))
+    cfg = spd.Config(ci="vector", steps=3, checkpoint_every=1)
+    spd.train(s, cfg, batch, log=lambda *a: None, checkpoint=ckpt)       # (saved after step 2 of 3)
+    with spd._locked(ckpt):
+        with pytest.raises(spd.SPDError, match="another run is using"):
+            spd.train(s, dataclasses.replace(cfg, resume=True), batch, log=lambda *a: None, checkpoint=ckpt)
+    assert spd.train(s, dataclasses.replace(cfg, resume=True), batch, log=lambda *a: None,
+                     checkpoint=ckpt)[-1]["step"] == 2
 
 
 def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch):
@@ -476,6 +500,33 @@ def test_attention_ci_is_position_dependent():
         ci(torch.randn(1, 11, 8))
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_ci_equals_eq4_written_as_a_loop(causal):
+    """Eq. 4 / Algorithm 1 by hand, one query at a time, for S < max_seq_len (so the relative bias
+    table is read at offsets i - j of its middle): x_pos = x + AbsPos, q = Q x, k = K x, v = V x_pos,
+    a_i = softmax_j((q_i·k_j + r[i - j]) / √d) v_j over j <= i (all j if not causal),
+    g_i = γ(a_i ⊕ x_pos_i). make_ci and SPDModel pass `causal` on."""
+    torch.manual_seed(0)
+    d, C, H, M, S = 4, 3, 2, 9, 5
+    ci = spd.make_ci("attention", d, C, H, max_seq_len=M, causal=causal).double()
+    with torch.no_grad():
+        ci.rel.normal_()
+        ci.abs.normal_()
+    x = torch.randn(2, S, d, dtype=torch.float64)
+    ref = torch.empty(2, S, C, dtype=torch.float64)
+    for b in range(2):
+        x_pos = x[b] + ci.abs[:S]
+        for i in range(S):
+            js = range(i + 1) if causal else range(S)
+            scores = torch.stack([(ci.q.weight @ x[b, i]) @ (ci.k.weight @ x[b, j]) + ci.rel[i - j + M - 1]
+                                  for j in js]) / math.sqrt(d)
+            a = sum(w * (ci.v.weight @ x_pos[j]) for w, j in zip(scores.softmax(0), js))
+            ref[b, i] = ci.gamma.reference(torch.cat([a, x_pos[i]]))
+    assert torch.allclose(ci(x), ref, atol=1e-12)
+    s = spd.SPDModel(tiny(), "blocks.0.attn.q_proj", C=3, ci="attention", d_gate=2, max_seq_len=6, causal=causal)
+    assert s.layers["blocks.0.attn.q_proj"].ci.causal is causal
+
+
 # -----------------------------------------------------------------------------
 # 4. leaky hard sigmoids and masks
 
@@ -504,6 +555,9 @@ def test_sample_masks_distribution_and_gradient():
     assert torch.allclose(alpha.var(0), (1 - lo) ** 2 / 12, atol=2e-3)      # variance of U(g, 1)
     alpha.sum().backward()
     assert (g.grad > 0).all()  # d alpha / d g = 1 - u
+    a = spd.sample_masks(torch.zeros(20_000, 2, 2))                    # (B, S, C): u independent per
+    corr = torch.corrcoef(torch.stack([a[:-1, 0, 0], a[:-1, 1, 0], a[:-1, 0, 1], a[1:, 0, 0]]))
+    assert corr[0, 1:].abs().max() < 0.05                              # position, subcomponent, item
 
 
 # -----------------------------------------------------------------------------
@@ -532,6 +586,60 @@ def test_minimality_hand_computation():
     small = torch.full((1, 1, 1), 1e-4, requires_grad=True)
     spd.importance_minimality_loss({"a": small}, 0.5).backward()   # d/dg g^p = p g^(p-1)
     assert small.grad.item() == pytest.approx(0.5 * 1e-4 ** -0.5, rel=1e-4)
+
+
+def test_minimality_at_another_p_fused_and_weighted():
+    """Value and gradient of Σ_c g^p at p = 0.3 (p = 0.5 cannot tell p from 1 - p), the fused form on
+    pre-sigmoid values (upper-leaky: 1 + 0.01 (x - 1) above 1, 0 below 0), and a weight (B, S)."""
+    p = 0.3
+    pre = torch.tensor([[[-0.5, 0.2], [0.7, 1.5]]], dtype=torch.float64, requires_grad=True)  # (1, 2, 2)
+    g = torch.tensor([[[0.0, 0.2], [0.7, 1.005]]], dtype=torch.float64)
+    per_position = (g > 0) * g ** p                                   # (1, 2, 2)
+    slope = torch.tensor([[[0.0, 1.0], [1.0, 0.01]]], dtype=torch.float64)
+    w = torch.tensor([[1.0, 3.0]], dtype=torch.float64)
+    for weight, avg in [(None, lambda t: t.sum(-1).mean()), (w, lambda t: (t.sum(-1) * w).sum() / w.sum())]:
+        for fused in (False, True):
+            pre.grad = None
+            loss = (spd.importance_minimality_loss_fused({"a": pre}, p, weight) if fused else
+                    spd.importance_minimality_loss({"a": spd.leaky_hard_sigmoid(pre, upper=True)}, p, weight))
+            assert loss.item() == pytest.approx(avg(per_position).item(), rel=1e-9)
+            loss.backward()
+            hand = torch.autograd.functional.jacobian(lambda t: avg(t), per_position)   # d loss / d term
+            ref = hand * p * torch.where(g > 0, g, 1.0) ** (p - 1) * slope
+            assert torch.allclose(pre.grad, ref, rtol=1e-6), (weight, fused)
+
+
+def test_training_step_feeds_minimality_the_pre_sigmoid_values_and_draws_S_samples(monkeypatch):
+    """The minimality term is Σ_c σ_H^upper(pre)^p at the step's p (pre above 1 counts 1 + 0.01 (x-1),
+    which g, clipped at 1, would not), and n_mask_samples masks are drawn per layer."""
+    s = spd.SPDModel(tiny(), "blocks.*.attn.q_proj", C=4, ci="vector", d_gate=4)
+    with torch.no_grad():
+        for layer in s.layers.values():
+            layer.ci.W2.mul_(0.05)
+            layer.ci.b2.fill_(2.0)                                     # every γ above 1
+    cfg = spd.Config(ci="vector", steps=10, n_mask_samples=3)
+    calls = []
+    monkeypatch.setattr(spd, "sample_masks", lambda g: calls.append(1) or torch.rand_like(g) * (1 - g) + g)
+    x = torch.randint(0, 11, (2, 6))
+    _, terms, _ = spd.training_step(s, x, cfg, step=4)
+    assert len(calls) == 3 * len(s.layers)
+    pre = s.causal_importance(s.target_forward(x)[1])
+    assert min(v.min() for v in pre.values()) > 1
+    p = spd.minimality_p(cfg, 4)
+    ref = sum((1 + 0.01 * (v - 1)) ** p for v in pre.values()).sum(-1).mean()
+    assert terms["minimality"].item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_stochastic_losses_train_the_ci_through_the_masks():
+    """alpha = g + (1 - g) u keeps g's gradient: the stochastic reconstruction alone moves the CI."""
+    s = spd.SPDModel(tiny(), "blocks.*.attn.*", C=4, ci="vector", d_gate=4)
+    cfg = spd.Config(ci="vector", steps=10, beta_faithfulness=0, beta_minimality=0, beta_recon=0,
+                     beta_stochastic_layerwise_recon=0, beta_stochastic_recon=1)
+    torch.manual_seed(0)
+    total, _, _ = spd.training_step(s, torch.randint(0, 11, (4, 6)), cfg, step=0)
+    total.backward()
+    for layer in s.layers.values():
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.ci.parameters())
 
 
 def test_reconstruction_losses_zero_and_dense_reference():
@@ -570,9 +678,20 @@ def test_partial_subsets_are_random_nonempty():
     assert len(seen) == 7 and () not in seen  # all 2^3 - 1 non-empty subsets occur
     many = [f"l{i}" for i in range(100)]      # more layers than bits in an int64
     assert 0 < len(spd.random_layer_subset(many)) <= 100
+    counts = collections.Counter(tuple(spd.random_layer_subset(names)) for _ in range(7000))
+    assert all(abs(c / 7000 - 1 / 7) < 0.02 for c in counts.values())   # uniform over the 7
     g = {n: torch.rand(1, 2, 3) for n in names}
-    sets = spd.RECONSTRUCTIONS["stochastic_partial_recon"](g, [g, g, g])
-    assert len(sets) == 3 and all(0 < len(m) <= 3 for m in sets)
+    R = [{n: torch.rand(1, 2, 3) for n in names} for _ in range(3)]
+    torch.manual_seed(1)
+    drawn = [spd.random_layer_subset(names) for _ in range(4)]        # the draws the builders make
+    assert len(drawn[0]) < 3 and len(drawn[1]) < 3                   # (proper subsets, so all layers fails)
+    torch.manual_seed(1)
+    (partial,) = spd.RECONSTRUCTIONS["partial_recon"](g, R)         # Eq. 5: one subset, masks g
+    assert list(partial) == drawn[0] and all(partial[n] is g[n] for n in partial)
+    torch.manual_seed(1)
+    sets = spd.RECONSTRUCTIONS["stochastic_partial_recon"](g, R)    # Eq. 6: a subset per sample, r^(s)
+    assert [list(m) for m in sets] == drawn[:3]
+    assert all(m[n] is R[k][n] for k, m in enumerate(sets) for n in m)
 
 
 # -----------------------------------------------------------------------------
@@ -730,6 +849,8 @@ def test_bad_patterns_are_one_line_errors():
 def test_measures():
     g = {"a": torch.tensor([[[0.0, 0.5, 0.2], [0.05, 0.0, 0.0]]])}
     assert spd.mean_l0(g, threshold=0.1)["a"].item() == pytest.approx(1.0)
+    assert spd.mean_l0(g)["a"].item() == pytest.approx(1.5)                 # g > 0: zeros do not count
+    assert spd.mean_l0(g, torch.tensor([[1.0, 3.0]]))["a"].item() == pytest.approx((2 + 3) / 4)
     assert spd.active_subcomponents(g, threshold=0.01)["a"] == [0, 1, 2]
     assert spd.active_subcomponents(g, threshold=0.1)["a"] == [1, 2]
     w = torch.tensor([[0.0, 1.0]])
@@ -1148,12 +1269,49 @@ def test_induction_script_smoke(tmp_path, capsys):
     t1 = induction.main(induction_argv(tmp_path, "--table1"))
     assert t1["active"] == r["active"] and t1["metrics"] == r["metrics"]
     assert (tmp_path / "table1_32_sequences.json").exists()
+    before = (tmp_path / "table1_32_sequences.json").read_bytes()      # another threshold: its own file
+    induction.main(induction_argv(tmp_path, "--table1", "--threshold=0.2"))
+    assert (tmp_path / "table1_32_sequences_threshold_0.2.json").exists()
+    assert (tmp_path / "table1_32_sequences.json").read_bytes() == before
     # Figure 2 on the saved decomposition
     fig = induction.main(induction_argv(tmp_path, "--svd-baseline"))
     assert (tmp_path / "figure2_32_sequences.json").exists() and fig["full_rank"] == 6 * 16  # (not 1024:
     assert not (tmp_path / "figure2.json").exists()             # another file, so neither replaces the other)
     assert [p["pieces"] for p in fig["svd"]] == sorted(p["pieces"] for p in fig["svd"])[::-1]
     assert all(0 <= p["pieces"] <= 6 * 8 for p in fig["spd"])
+
+
+def test_table1_counts_and_attention_kls_by_hand(monkeypatch):
+    """Table 1 on a hand-made g: (a) counts only g > threshold, at s1, m, s2 and the other
+    positions; (b) unique over all of them; (c) attention KL(target || masked by g) at m (layer 1)
+    and s2 (layer 2), against a dense recomputation."""
+    torch.manual_seed(0)
+    target = induction.InductionTransformer()
+    s = spd.SPDModel(target, list(induction.MATRICES.values()), C=4, ci="vector", d_gate=2)
+    cfg = induction.InductionConfig(eval_batch=8, threshold=0.1)
+    tokens, s1 = induction.make_batch(8, 64, 128, torch.Generator().manual_seed(induction.EVAL_SEED + 3))
+    b, m = torch.arange(8), s1 + 1
+    other = next(p for p in range(64) if p not in (s1[0], m[0], 63))  # an "other" position of sequence 0
+    g = torch.zeros(8, 64, 4)
+    g[b, m, 0] = 0.5                                                   # on at every m
+    g[b, s1, 1] = 0.09                                                 # below the threshold at s1
+    g[0, other, 2] = 0.3                                               # once elsewhere
+    g[1, 63, 3] = 0.12                                                 # at s2 of one sequence
+    masks = {name: g.clone() for name in s.layers}
+    monkeypatch.setattr(spd, "causal_importances", lambda s_, x: masks)
+    r = induction.table1(s, target, cfg)
+    for short in induction.MATRICES:
+        assert r["active"][short] == pytest.approx({"s1": 0, "m": 1, "s2": 1 / 8, "random": 1 / (8 * 61)})
+        assert r["unique"][short] == 3
+    with torch.no_grad(), s.masked(masks) as model:
+        _, attn = model(tokens, return_attn=True)
+        _, attn_t = target(tokens, return_attn=True)
+    log = lambda p: p.clamp_min(1e-30).log()
+    kl = [(pt * (log(pt) - log(p))).sum(-1) for pt, p in zip(attn_t, attn)]    # (B, S) per layer
+    assert kl[0][b, m].mean() > 1e-3 and kl[1][:, -1].mean() > 1e-3
+    assert r["metrics"]["attn_kl_layer1_query_m"] == pytest.approx(kl[0][b, m].mean().item(), rel=1e-4)
+    assert r["metrics"]["attn_kl_layer2_query_s2"] == pytest.approx(kl[1][:, -1].mean().item(), rel=1e-4)
+    assert r["metrics"]["attn_kl_layer1"] == pytest.approx(kl[0].mean().item(), rel=1e-4)
 
 
 def test_induction_bad_input(tmp_path):
@@ -1634,3 +1792,17 @@ def test_other_format_version_is_a_one_line_error(tmp_path):
     torch.save({**ckpt, "format": spd.FORMAT + 1}, tmp_path / "s.pt")
     with pytest.raises(spd.SPDError, match=f"has format {spd.FORMAT + 1}, this code reads {spd.FORMAT}"):
         spd.load(str(tmp_path / "s.pt"), m)
+
+
+def test_a_save_that_dies_midway_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    m = tiny()
+    s = spd.SPDModel(m, "blocks.*.attn.q_proj", C=4)
+    spd.save(s, str(tmp_path / "s.pt"))
+    before = (tmp_path / "s.pt").read_bytes()
+    def dies(obj, f):                                                  # half a file, then the end
+        pathlib.Path(f).write_bytes(b"PK half a file")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        spd.save(s, str(tmp_path / "s.pt"))
+    assert (tmp_path / "s.pt").read_bytes() == before

@@ -491,6 +491,8 @@ def oracle_kl(target, n=1024, seed=EVAL_SEED + 5, ranks=None, draws=0, basis="sv
     metrics: (KL, {"layer1_query_m": ..., "layer2_query_s2": ...}) (what the circuit alone scores)."""
     if basis not in ("svd", "data"):
         raise spd.SPDError(f"unknown basis {basis!r}: use svd or data")
+    if attention and draws:
+        raise spd.SPDError("oracle_kl: attention=True needs draws=0 (the attention of one model)")
     cfg, device = target.config, next(target.parameters()).device
     d, S = cfg["d_model"], cfg["max_seq_len"]
     tokens, s1 = make_batch(n, S, cfg["vocab_size"], torch.Generator().manual_seed(seed), device)

@@ -1473,6 +1473,8 @@ def test_oracle_pieces_on_the_committed_target():
     assert kl("svd", 0, Q0=0) > 1e-2                                             # Q0 is needed
     with pytest.raises(spd.SPDError, match="unknown basis"):
         kl("qr", 0)
+    with pytest.raises(spd.SPDError, match="attention=True needs draws=0"):
+        induction.oracle_kl(target, 8, draws=2, attention=True)
 
 # -----------------------------------------------------------------------------
 # CUDA only (skipped elsewhere): the compiled flex-attention path and a full step on the GPU

@@ -561,9 +561,37 @@ def merge(*chosen):
             out[n] = sorted(set(out.get(n, [])) | set(cs))
     return {n: cs for n, cs in out.items() if cs}
 
+def orthogonal_projection(W, u, v):
+    """W - Σ_k (û_kᵀ W v̂_k) û_k v̂_kᵀ with û = u/|u|, v̂ = v/|v| (Sec. 5.2); an edited copy.
+
+    W (d_out, d_in), u (k, d_out) output directions, v (k, d_in) input directions."""
+    if W.dim() != 2 or u.dim() != 2 or v.dim() != 2 or u.shape != (len(v), W.shape[0]) \
+            or v.shape[1] != W.shape[1]:
+        raise spd.SPDError(f"orthogonal_projection needs W (d_out, d_in), u (k, d_out), v (k, d_in); "
+                           f"got W {tuple(W.shape)}, u {tuple(u.shape)}, v {tuple(v.shape)}")
+    u, v = u / u.norm(dim=1, keepdim=True), v / v.norm(dim=1, keepdim=True)
+    coef = torch.einsum("ko,oi,ki->k", u, W, v)                 # û_kᵀ W v̂_k
+    return W - torch.einsum("k,ko,ki->oi", coef, u, v)          # (d_out, d_in)
+
+@torch.no_grad()
+def suppress_subcomponents(target, s, chosen):
+    """A copy of `target` with each chosen subcomponent's direction pair (U[:, c], V[c]) of the
+    decomposition s projected out of its layer's weight (Sec. 5.2; any spd.SPDModel, not only
+    GPT-2's). chosen: {layer name: [c, ...]}. The caller's model is untouched."""
+    edited = copy.deepcopy(target)
+    for name, cs in chosen.items():
+        if name not in s.layers:
+            raise spd.SPDError(f"{name!r} is not a decomposed layer; decomposed: {', '.join(s.layers)}")
+        layer = s.layers[name]
+        if len(set(cs)) != len(cs) or not all(0 <= c < layer.V.shape[0] for c in cs):
+            raise spd.SPDError(f"{name}: subcomponents {cs} must be distinct, in 0..{layer.V.shape[0] - 1}")
+        W = spd.layer_weight(edited.get_submodule(name))       # a view into the copy's weight
+        W.copy_(orthogonal_projection(W, layer.U[:, cs].T, layer.V[cs]))
+    return edited
+
 def suppress(model, s, chosen):
     """The original model with the chosen directions projected out (an unchanged copy if none)."""
-    return spd.suppress_subcomponents(model, s, {n: cs for n, cs in chosen.items() if cs})
+    return suppress_subcomponents(model, s, {n: cs for n, cs in chosen.items() if cs})
 
 def athlete_probs(model, tokenizer):
     """[[P(basketball), P(golf)] for the Kobe prompt, same for the Tiger prompt]."""

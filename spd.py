@@ -11,15 +11,15 @@ sequence models. Read it beside the paper; each section cites the equation it im
   4. Leaky hard sigmoids and stochastic masks  α = g + (1 - g) u                 Sec. 4
   5. Losses                    faithfulness, minimality, six reconstructions     Eq. 1, 2, 3, 5, 6
   6. Training step and loop                                                      Alg. 3
-  7. Interventions             orthogonal projection of subcomponents            Sec. 5.2
-  8. Save / load
-  9. Measures                  L0, active subcomponents
+  7. Save / load
+  8. Measures                  L0, active subcomponents
 
 Dimensions: B batch, S sequence, C subcomponents per matrix, d_in/d_out a layer's input/output
 width, H = D_gate the hidden width of each γ_c MLP, K the number of mask sets stacked along the
 batch dimension so that many masked forwards run as one.
 
-Left out: what the paper does not use (other CI variants, distributed training, tracking).
+Left out: what the paper does not use (other CI variants, distributed training, tracking), and
+Sec. 5.2's orthogonal projection of subcomponents, which is in gpt2_facts.py beside its use.
 Run `python induction.py` (Table 1) or `python gpt2_facts.py --model=tiny`. Only torch is needed.
 """
 import contextlib
@@ -141,6 +141,8 @@ class SPDModel(nn.Module):
     def __init__(self, target, patterns, C, ci="vector", d_gate=16, max_seq_len=None,
                  causal=True, final_only_kwargs=None):
         super().__init__()
+        if not (C >= 1 and d_gate >= 1):
+            raise SPDError(f"C and d_gate must be >= 1, got C={C}, d_gate={d_gate}")
         self.model = copy.deepcopy(target).eval()
         self.model.requires_grad_(False)
         self.spec = dict(patterns=match_modules(self.model, patterns), C=C, ci=ci,
@@ -166,7 +168,8 @@ class SPDModel(nn.Module):
         K, B = len(mask_sets), x.shape[0]
         bad = next((a for m in mask_sets for a in m.values() if a.shape[:2] != (B, x.shape[1])), None)
         if bad is not None:
-            raise SPDError(f"a mask has shape {tuple(bad.shape)}; masks are (B, S, C) = ({B}, {x.shape[1]}, C)")
+            raise SPDError(f"a mask has shape {tuple(bad.shape)}; masks are (B, S, C) = "
+                           f"({B}, {x.shape[1]}, C)")
         stacked = {}                                  # (unknown names: masked() says so)
         for name in dict.fromkeys(n for m in mask_sets for n in m):
             ks = [k for k, m in enumerate(mask_sets) if name in m]
@@ -209,8 +212,7 @@ class SPDModel(nn.Module):
         for layer in self.layers.values():
             layer.record = True
         try:
-            out = self.model(x)
-            logits = getattr(out, "logits", out)      # transformers returns an object
+            logits = self(x)
             inputs = {n: layer.last_input for n, layer in self.layers.items()}
         finally:
             for layer in self.layers.values():
@@ -263,7 +265,8 @@ class GammaMLPs(nn.Module):
                    else self.chunked)
         if not chunked:
             return self.reference(x)
-        out = _ChunkedGamma.apply(self.scalar, x.reshape(-1, x.shape[-1]), self.W1, self.b1, self.W2, self.b2)
+        tokens = x.reshape(-1, x.shape[-1])                    # (B·S, n_in or C)
+        out = _ChunkedGamma.apply(self.scalar, tokens, self.W1, self.b1, self.W2, self.b2)
         return out.view(*x.shape[:-1], self.C)
 
 
@@ -437,8 +440,9 @@ def sample_masks(g):
 # 5. Losses
 
 def kl_divergence(logits, target_logits, weight=None):
-    """D_KL(target || pred) = Σ_v p_target (log p_target - log p_pred), as SPD's code (Eq. 2-6 list the
-    arguments the other way; README), summed over the vocabulary, then averaged (or `weight`ed) over the rest."""
+    """D_KL(target || pred) = Σ_v p_target (log p_target - log p_pred), as SPD's code (Eq. 2-6 list
+    the arguments the other way; README), summed over the vocabulary, then averaged (or `weight`ed)
+    over the rest."""
     kl = F.kl_div(logits.log_softmax(-1), target_logits.log_softmax(-1), log_target=True,
                   reduction="none").sum(-1)
     return kl.mean() if weight is None else (kl * weight).sum() / weight.expand_as(kl).sum()
@@ -582,7 +586,8 @@ def apply_overrides(cfg, args):
             raise SPDError(f"bad argument {arg!r}: use --key=value")
         if key not in fields:
             raise SPDError(f"unknown config key {key!r}; known: {', '.join(fields)}")
-        value = os.path.expanduser(value) if value.startswith("~") else value  # (no shell expands ~ after =)
+        if value.startswith("~"):                     # (no shell expands ~ after =)
+            value = os.path.expanduser(value)
         kind = type(getattr(cfg, key))
         try:
             if kind is bool:
@@ -608,7 +613,8 @@ CONFIG_RULES = {  # field -> (allowed?, what is allowed) for every non-bool fiel
        "stochastic_partial_recon", "minimality_final"]},
     "minimality_decay_from": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     "p_start": (lambda v: 0 < v <= 2, "in (0, 2]"), "p_final": (lambda v: 0 < v <= 2, "in (0, 2]"),
-    "steps": _at_least(1), "batch_size": _at_least(1), "optimizer": _one_of("adam", "adamw"), "lr": _POSITIVE,
+    "steps": _at_least(1), "batch_size": _at_least(1), "optimizer": _one_of("adam", "adamw"),
+    "lr": _POSITIVE,
     "weight_decay": _NONNEGATIVE, "lr_schedule": _one_of("constant", "cosine"),
     "lr_warmup": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     "faithfulness_warmup_steps": _at_least(0), "faithfulness_warmup_lr": _POSITIVE,
@@ -620,10 +626,9 @@ CONFIG_RULES = {  # field -> (allowed?, what is allowed) for every non-bool fiel
 
 def check_config(cfg, rules=CONFIG_RULES):
     """One-line SPDError: a field out of its range (bools: apply_overrides), or no such CUDA device."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if not isinstance(value, bool) and not rules[f.name][0](value):
-            raise SPDError(f"--{f.name}={value} is out of range: it must be {rules[f.name][1]}")
+    for name, (ok, allowed) in rules.items():
+        if not ok(getattr(cfg, name)):
+            raise SPDError(f"--{name}={getattr(cfg, name)} is out of range: it must be {allowed}")
     if cfg.device.startswith("cuda") and int(cfg.device[5:] or 0) >= torch.cuda.device_count():
         raise SPDError(f"--device={cfg.device} but there is no such CUDA device; use --device=cpu")
     return cfg
@@ -678,17 +683,17 @@ def training_step(spd, x, cfg, step, weight=None):
 
 
 def make_optimizer(spd, cfg):
+    """Adam or AdamW, fused: one kernel for all parameters (its step ~5x faster on a CPU)."""
     params = spd.trainable_parameters()
-    if cfg.optimizer == "adamw":  # fused: one kernel for all parameters (its step ~5x faster on a CPU)
+    if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, fused=True)
-    raise SPDError(f"unknown optimizer {cfg.optimizer!r}: use adam or adamw")
+    return torch.optim.Adam(params, lr=cfg.lr, fused=True)
 
 
 def faithfulness_warmup(spd, cfg):
     """Fit U V to W on the faithfulness loss alone before the main run (SPD's code does this)."""
-    opt = torch.optim.Adam([p for l in spd.layers.values() for p in (l.U, l.V)], lr=cfg.faithfulness_warmup_lr)
+    opt = torch.optim.Adam([p for l in spd.layers.values() for p in (l.U, l.V)],
+                           lr=cfg.faithfulness_warmup_lr)
     for _ in range(cfg.faithfulness_warmup_steps):
         opt.zero_grad(set_to_none=True)
         faithfulness_loss(spd).backward()
@@ -705,10 +710,12 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
     cfg.resume continues it exactly. A non-finite loss stops the run with an SPDError. Returns
     the history: the loss terms and mean L0 per layer, one dict per log line."""
     from tqdm import tqdm
+    check_config(cfg)                                          # (a subclass's own fields: its script)
     torch.manual_seed(cfg.seed)
     opt, history, first, stop = make_optimizer(spd, cfg), [], 0, []
     step_fn = _compiled_step() if cfg.compile else training_step
-    save_now = lambda step: checkpoint and save_checkpoint(checkpoint, spd, opt, cfg, step, history, data_rng)
+    save_now = lambda step: checkpoint and save_checkpoint(checkpoint, spd, opt, cfg, step, history,
+                                                           data_rng)
     with _locked(checkpoint), _on_interrupt(lambda: stop.append(True)), _deterministic(cfg.compile):
         if cfg.resume:                 # (Ctrl-C from here on stops after the warm-up and a step)
             first, history = load_checkpoint(checkpoint, spd, opt, cfg, data_rng)
@@ -772,7 +779,8 @@ def _compiled_step():
 def _deterministic(on):
     """Inside, deterministic algorithms (warn_only unless already strict) if on: else inductor's CPU
     kernels sum the CI's relative-bias gradient with atomic adds, and compiled runs differ (README)."""
-    was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    was = (torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled())
     if on and not was[0]:
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
@@ -794,7 +802,8 @@ def _locked(checkpoint):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SPDError(f"another run is using {checkpoint}: wait for it, or pass another --out_dir") from None
+            raise SPDError(f"another run is using {checkpoint}: wait for it, or pass another "
+                           f"--out_dir") from None
         except OSError:                                        # a file system without locks: none
             pass
         yield
@@ -826,39 +835,7 @@ def keep_freed_memory():
 
 
 # -----------------------------------------------------------------------------
-# 7. Interventions (Sec. 5.2): suppress subcomponents by orthogonal projection
-
-def orthogonal_projection(W, u, v):
-    """W - Σ_k (û_kᵀ W v̂_k) û_k v̂_kᵀ with û = u/|u|, v̂ = v/|v| (Sec. 5.2); an edited copy.
-
-    W (d_out, d_in), u (k, d_out) output directions, v (k, d_in) input directions."""
-    if W.dim() != 2 or u.dim() != 2 or v.dim() != 2 or u.shape != (len(v), W.shape[0]) \
-            or v.shape[1] != W.shape[1]:
-        raise SPDError(f"orthogonal_projection needs W (d_out, d_in), u (k, d_out), v (k, d_in); "
-                       f"got W {tuple(W.shape)}, u {tuple(u.shape)}, v {tuple(v.shape)}")
-    u, v = u / u.norm(dim=1, keepdim=True), v / v.norm(dim=1, keepdim=True)
-    coef = torch.einsum("ko,oi,ki->k", u, W, v)                 # û_kᵀ W v̂_k
-    return W - torch.einsum("k,ko,ki->oi", coef, u, v)          # (d_out, d_in)
-
-
-@torch.no_grad()
-def suppress_subcomponents(target, spd, chosen):
-    """A copy of `target` with each chosen subcomponent's direction pair (U[:, c], V[c]) projected
-    out of its layer's weight. chosen: {layer name: [c, ...]}. The caller's model is untouched."""
-    edited = copy.deepcopy(target)
-    for name, cs in chosen.items():
-        if name not in spd.layers:
-            raise SPDError(f"{name!r} is not a decomposed layer; decomposed: {_short(list(spd.layers))}")
-        layer = spd.layers[name]
-        if len(set(cs)) != len(cs) or not all(0 <= c < layer.V.shape[0] for c in cs):
-            raise SPDError(f"{name}: subcomponents {cs} must be distinct, in 0..{layer.V.shape[0] - 1}")
-        W = layer_weight(edited.get_submodule(name))           # a view into the copy's weight
-        W.copy_(orthogonal_projection(W, layer.U[:, cs].T, layer.V[cs]))
-    return edited
-
-
-# -----------------------------------------------------------------------------
-# 8. Save / load
+# 7. Save / load
 
 def target_identity(spd):
     """Shape and SHA-256 of every decomposed target weight: a fingerprint of the target."""
@@ -883,6 +860,8 @@ def atomic_write(path, write):
     """write(tmp) to a temporary file in the same folder (same extension), then os.replace it
     onto path: a run killed while writing leaves the previous file whole."""
     make_dir(os.path.dirname(path), path)
+    if os.path.isdir(path):
+        raise SPDError(f"{path} is a folder: give a file name")
     root, ext = os.path.splitext(path)
     write(f"{root}.tmp{ext}")
     os.replace(f"{root}.tmp{ext}", path)
@@ -951,8 +930,9 @@ def load(path, target):
 
 def save_checkpoint(path, spd, opt, cfg, step, history, data_rng=None):
     """Everything a run needs to continue exactly after `step` steps."""
-    save(spd, path, cfg, step=step, history=history, optimizer=opt.state_dict(), rng=torch.get_rng_state(),
-         cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    save(spd, path, cfg, step=step, history=history, optimizer=opt.state_dict(),
+         rng=torch.get_rng_state(), cuda_rng=cuda_rng,
          data_rng=data_rng.get_state() if data_rng is not None else None)
 
 
@@ -978,7 +958,7 @@ def load_checkpoint(path, spd, opt, cfg, data_rng=None):
 
 
 # -----------------------------------------------------------------------------
-# 9. Measures
+# 8. Measures
 
 @torch.no_grad()
 def causal_importances(spd, x):

@@ -740,13 +740,13 @@ def test_lr_schedule_and_p_annealing():
 
 
 # -----------------------------------------------------------------------------
-# 7. orthogonal projection
+# orthogonal projection (Sec. 5.2, in gpt2_facts.py)
 
 def test_orthogonal_projection_properties():
     torch.manual_seed(0)
     W = torch.randn(6, 4, dtype=torch.float64)
     u, v = torch.randn(1, 6, dtype=torch.float64), torch.randn(1, 4, dtype=torch.float64)
-    Wp = spd.orthogonal_projection(W, u, v)
+    Wp = gpt2_facts.orthogonal_projection(W, u, v)
     uh, vh = u[0] / u.norm(), v[0] / v.norm()
     assert abs(uh @ Wp @ vh) < 1e-12                                      # the pair is gone
     x_perp = torch.randn(4, dtype=torch.float64)
@@ -755,31 +755,32 @@ def test_orthogonal_projection_properties():
     y_perp = torch.randn(6, dtype=torch.float64)
     y_perp -= (y_perp @ uh) * uh
     assert torch.allclose(y_perp @ Wp, y_perp @ W)                       # outputs ⊥ u untouched
-    assert torch.allclose(spd.orthogonal_projection(Wp, u, v), Wp)      # idempotent
+    assert torch.allclose(gpt2_facts.orthogonal_projection(Wp, u, v), Wp)  # idempotent
     assert torch.allclose(Wp, W - (uh @ W @ vh) * torch.outer(uh, vh))  # the dense formula
     with pytest.raises(spd.SPDError, match="u \\(k, d_out\\)"):
-        spd.orthogonal_projection(W, v, u)
+        gpt2_facts.orthogonal_projection(W, v, u)
 
 
 def test_suppress_subcomponents_linear_and_conv1d_agree():
     lin, conv, a, b = linear_and_conv1d_twins()
-    ea, eb = spd.suppress_subcomponents(lin, a, {"0": [1, 3]}), spd.suppress_subcomponents(conv, b, {"0": [1, 3]})
+    ea = gpt2_facts.suppress_subcomponents(lin, a, {"0": [1, 3]})
+    eb = gpt2_facts.suppress_subcomponents(conv, b, {"0": [1, 3]})
     L = a.layers["0"]
-    ref = spd.orthogonal_projection(lin[0].weight, L.U[:, [1, 3]].T, L.V[[1, 3]])
+    ref = gpt2_facts.orthogonal_projection(lin[0].weight, L.U[:, [1, 3]].T, L.V[[1, 3]])
     assert torch.allclose(ea[0].weight, ref) and torch.allclose(eb[0].weight.T, ref)
     x = torch.randn(2, 5)
     assert torch.allclose(ea(x), eb(x), atol=1e-6)
     assert torch.equal(conv[0].weight, lin[0].weight.T)  # the caller's models are untouched
     with pytest.raises(spd.SPDError, match="not a decomposed layer"):
-        spd.suppress_subcomponents(lin, a, {"1": [0]})
+        gpt2_facts.suppress_subcomponents(lin, a, {"1": [0]})
     C = a.layers["0"].V.shape[0]
     for bad in ([1, 1], [-1], [C]):                 # twice would project a direction out twice
         with pytest.raises(spd.SPDError, match=f"must be distinct, in 0..{C - 1}"):
-            spd.suppress_subcomponents(lin, a, {"0": bad})
+            gpt2_facts.suppress_subcomponents(lin, a, {"0": bad})
 
 
 # -----------------------------------------------------------------------------
-# 8-9. save / load, measures, bad input
+# 7-8. save / load, measures, bad input
 
 def test_save_load_roundtrip_and_mismatch(tmp_path):
     m = tiny()
@@ -844,6 +845,28 @@ def test_bad_patterns_are_one_line_errors():
         with pytest.raises(spd.SPDError, match=re.escape(f"mask has shape {shape}; masks are (B, S, C) = (2, 6, C)")):
             s.run_mask_sets(t, [{"blocks.0.attn.q_proj": torch.ones(2, 6, 2)}, {"blocks.0.attn.q_proj": torch.ones(shape)}])
     assert torch.equal(s(t), m(t))  # a failed call leaves no mask behind
+
+
+def test_bad_api_input_is_a_one_line_error(tmp_path):
+    """Through the API too (the scripts check their flags first): C or d_gate below 1, a Config
+    out of range given to train, and save onto a folder, which is left as it was."""
+    m = tiny()
+    for C, d_gate in [(0, 4), (2, 0)]:
+        with pytest.raises(spd.SPDError, match=f"C and d_gate must be >= 1, got C={C}, d_gate={d_gate}"):
+            spd.SPDModel(m, "blocks.0.attn.q_proj", C=C, d_gate=d_gate)
+    s = spd.SPDModel(m, "blocks.0.attn.q_proj", C=2, ci="vector", d_gate=2)
+    before = [p.clone() for p in s.trainable_parameters()]
+    for bad, message in [(dict(lr=-1e-3), "--lr=-0.001 is out of range: it must be > 0 and finite"),
+                         (dict(steps=0), "--steps=0 is out of range: it must be >= 1"),
+                         (dict(optimizer="sgd"), "--optimizer=sgd is out of range: it must be one of adam, adamw")]:
+        with pytest.raises(spd.SPDError, match=re.escape(message)):
+            spd.train(s, spd.Config(ci="vector", **bad), lambda: torch.randint(0, 11, (2, 6)), log=None)
+    assert all(torch.equal(a, b) for a, b in zip(before, s.trainable_parameters()))
+    (tmp_path / "spd.pt").mkdir()
+    (tmp_path / "spd.pt" / "keep").write_text("x")
+    with pytest.raises(spd.SPDError, match="spd.pt is a folder: give a file name"):
+        spd.save(s, str(tmp_path / "spd.pt"))
+    assert os.listdir(tmp_path) == ["spd.pt"] and (tmp_path / "spd.pt" / "keep").read_text() == "x"
 
 
 def test_measures():
@@ -1107,7 +1130,7 @@ def test_suppression_on_conv1d_matches_dense_formula():
     before = copy.deepcopy(model.state_dict())
     s = spd.SPDModel(model, name, C=6, ci="vector", d_gate=4).double()
     L = s.layers[name]
-    edited = spd.suppress_subcomponents(model, s, {name: cs})
+    edited = gpt2_facts.suppress_subcomponents(model, s, {name: cs})
 
     # W' by hand, (d_out, d_in), the coefficients all from the original W
     W = conv.weight.detach().T.clone()

@@ -311,6 +311,9 @@ def load_model(name="gpt2", device="cpu", tiny_path=TINY_PATH):
     return model.to(device=device, dtype=torch.float32).eval(), tokenizer
 
 def load_pretrained(name):
+    if name.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        raise WeightsUnavailableError(f"--model={name}: there is no such folder; pass a folder with "
+                                      f"config.json, model weights and tokenizer files, gpt2, or tiny")
     # from_pretrained retries an unreachable hub for ~30 s, so look for a cached copy only when
     # a quick TCP check fails (or when name is a local folder / HF_HUB_OFFLINE is set)
     local_only = os.path.isdir(name) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") \
@@ -368,7 +371,8 @@ def load_tiny(path=TINY_PATH):
         print(f"{path} was trained with another tokenizer, data or config, retraining")
     spd.make_dir(os.path.dirname(path), "--tiny_path")       # before training, not after
     model = train_tiny(tokenizer)
-    spd.atomic_save({"model": model.state_dict(), **made_of}, path)
+    obj = {"model": model.state_dict(), **made_of}
+    spd.atomic_write(path, lambda tmp: torch.save(obj, tmp))
     return model, tokenizer
 
 def train_tiny(tokenizer, lr=3e-3, max_steps=4000, eval_interval=50, seed=0):
@@ -569,6 +573,9 @@ def orthogonal_projection(W, u, v):
             or v.shape[1] != W.shape[1]:
         raise spd.SPDError(f"orthogonal_projection needs W (d_out, d_in), u (k, d_out), v (k, d_in); "
                            f"got W {tuple(W.shape)}, u {tuple(u.shape)}, v {tuple(v.shape)}")
+    if not (u.norm(dim=1).all() and v.norm(dim=1).all()):
+        raise spd.SPDError("orthogonal_projection: a direction is zero, so there is nothing to "
+                           "project out")
     u, v = u / u.norm(dim=1, keepdim=True), v / v.norm(dim=1, keepdim=True)
     coef = torch.einsum("ko,oi,ki->k", u, W, v)                 # û_kᵀ W v̂_k
     return W - torch.einsum("k,ko,ki->oi", coef, u, v)          # (d_out, d_in)
@@ -582,10 +589,13 @@ def suppress_subcomponents(target, s, chosen):
     for name, cs in chosen.items():
         if name not in s.layers:
             raise spd.SPDError(f"{name!r} is not a decomposed layer; decomposed: {', '.join(s.layers)}")
-        layer = s.layers[name]
+        layer, cs = s.layers[name], [int(c) for c in cs]      # (a tensor's elements hash by id)
         if len(set(cs)) != len(cs) or not all(0 <= c < layer.V.shape[0] for c in cs):
             raise spd.SPDError(f"{name}: subcomponents {cs} must be distinct, in 0..{layer.V.shape[0] - 1}")
         W = spd.layer_weight(edited.get_submodule(name))       # a view into the copy's weight
+        if not torch.equal(W, layer.W.to(W)):
+            raise spd.SPDError(f"{name}: this model's weight is not the one s decomposed; pass "
+                               f"that model")
         W.copy_(orthogonal_projection(W, layer.U[:, cs].T, layer.V[cs]))
     return edited
 
@@ -735,6 +745,25 @@ def run(cfg):
         res["training"]["saved"] = path
 
     # 3) analyses; every edit below is applied to the ORIGINAL model, never the decomposed one
+    if cfg.model == "gpt2-random":
+        print("\ngpt2-random has random weights: the analyses would measure nothing, so they are "
+              "skipped (speed and memory only)")
+    else:
+        res.update(analyses(model, s, x, weight, tokens, tokenizer, edit_layers, P0, cfg))
+
+    res["wall_seconds"] = time.time() - t_start
+    spd.atomic_write(os.path.join(cfg.out_dir, "results.json"), res)
+    if os.path.exists(checkpoint):
+        os.remove(checkpoint)                                    # complete: results.json holds it
+    figures = save_figures(res, cfg.out_dir) if "fact_set" in res else []
+    print(f"\nwrote {os.path.join(cfg.out_dir, 'results.json')}"
+          + (f" and {', '.join(figures)}" if figures else " (no matplotlib: no figures)")
+          + f"; total {res['wall_seconds']:.0f} s")
+    return res
+
+def analyses(model, s, x, weight, tokens, tokenizer, edit_layers, P0, cfg):
+    """Analyses 1 and 3-7 of the module docstring on the trained decomposition s; a dict."""
+    res = {"config": dataclasses.asdict(cfg)}                         # (report_claim reads it)
     g = spd.causal_importances(s, x)                                 # {layer: (B, S, C)}
     order = [n for n, _ in model.named_modules() if n in g]          # block by block
     on = activity({n: g[n] for n in order}, weight, cfg.threshold)
@@ -749,16 +778,8 @@ def run(cfg):
     res["reversed"] = report_reversed(model, edited["golf"], tokenizer)
     res["claim"] = report_claim(res)
     res["where"] = report_where(model, s, on, tokenizer, edit_layers, more)
-
-    res["wall_seconds"] = time.time() - t_start
-    spd.atomic_json(res, os.path.join(cfg.out_dir, "results.json"))
-    if os.path.exists(checkpoint):
-        os.remove(checkpoint)                                    # complete: results.json holds it
-    figures = save_figures(res, cfg.out_dir)
-    print(f"\nwrote {os.path.join(cfg.out_dir, 'results.json')}"
-          + (f" and {', '.join(figures)}" if figures else " (no matplotlib: no figures)")
-          + f"; total {res['wall_seconds']:.0f} s")
     return res
+
 
 def time_step(s, cfg, x, weight, n=2):
     """Seconds per training step (forward + backward, no update) for the runtime estimate."""

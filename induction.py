@@ -281,7 +281,8 @@ def train_target(steps=3000, batch_size=256, lr=1e-2, weight_decay=0.01, warmup=
 def save_target(model, path, **extra):
     """Save the target's config and weights (and `extra`) to path atomically."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    spd.atomic_save({"config": model.config, "state_dict": state, **extra}, path)
+    obj = {"config": model.config, "state_dict": state, **extra}
+    spd.atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def read_target(path):
@@ -443,7 +444,7 @@ def table1(s, target, cfg):
         n_on = (g[name] > cfg.threshold).float().sum(-1)                   # (B, S)
         active[short] = {"s1": n_on[b, s1].mean().item(), "m": n_on[b, m].mean().item(),
                          "s2": n_on[:, -1].mean().item(), "random": n_on[other].mean().item()}
-        unique[short] = len(spd.active_subcomponents({name: g[name]}, cfg.threshold)[name])
+        unique[short] = int((g[name] > cfg.threshold).flatten(0, 1).any(0).sum())  # on anywhere
     # (c) the losses on the final token, and the attention patterns with masks = g
     target_logits, attn_target = target(tokens, return_attn=True)
     # L_recon (every matrix masked by g) and Eq. 3 with masks g, one matrix at a time, in one
@@ -838,6 +839,18 @@ def parse_config(argv):
 
 
 MODES = ("--table1", "--table2", "--bench", "--svd-baseline", "--train-target")
+BENCH_KEYS = {"bench_against", "target_path", "out_dir", "threads", "device"}  # all --bench reads
+
+
+def check_same_run(saved, cfg, given, path):
+    """--table1 and --svd-baseline read a saved run: each setting given that shaped the run (not
+    evaluation or logging, RUN_ONLY) must be the run's, or the reader is looking at another run."""
+    diff = [k for k in given if k not in cfg.RUN_ONLY | {"target_path"} and k in saved
+            and saved[k] != getattr(cfg, k)]                 # (the target: spd.load checks it)
+    if diff:
+        k = diff[0]
+        raise spd.SPDError(f"{path} was made with --{k}={saved[k]}, not {getattr(cfg, k)}: drop --{k}, "
+                           f"or pass the --out_dir of the run you mean")
 
 
 def main(argv):
@@ -853,12 +866,15 @@ def main(argv):
         what = f"unknown mode {unknown[0]}" if unknown else f"{' and '.join(modes)}: one mode at a time"
         raise spd.SPDError(f"{what}; modes: {' '.join(MODES)}; settings: --key=value")
     cfg, preset = parse_config([a for a in argv if a not in modes])
+    given = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and "=" in a]
+    if "--bench" in modes and set(given) - BENCH_KEYS:     # (its anchor config is fixed)
+        raise spd.SPDError(f"--{sorted(set(given) - BENCH_KEYS)[0]} does nothing with --bench; it "
+                           f"takes {', '.join('--' + k for k in sorted(BENCH_KEYS))}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     spd.keep_freed_memory()  # fewer page faults per step (README, speed); process-wide
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
-    spd.make_dir(cfg.out_dir, "--out_dir")
     out = lambda name: os.path.join(cfg.out_dir, name)
     done = [f for f in ("spd.pt", "table1.json") if os.path.exists(out(f))]
     if not modes and done:                            # (a finished run has no checkpoint left)
@@ -869,6 +885,14 @@ def main(argv):
             "finish its run with --resume=true and the run's settings" if os.path.exists(out("checkpoint.pt"))
             else "it holds table1.json only: run the decomposition again in another --out_dir" if done else
             "run the decomposition with the same settings (without the mode) first"))
+    if cfg.resume and not modes and not os.path.exists(out("checkpoint.pt")):
+        raise spd.SPDError(f"no checkpoint to resume at {out('checkpoint.pt')}; run without "
+                           f"--resume=true")
+    reads_a_run = cfg.resume or set(modes) & {"--table1", "--svd-baseline"}
+    if reads_a_run and not os.path.exists(cfg.target_path):
+        raise spd.SPDError(f"--target_path={cfg.target_path} is not there: a saved run needs the target "
+                           f"it was made with (a stand-in trained now would not be it)")
+    spd.make_dir(cfg.out_dir, "--out_dir")
     if "--train-target" in modes or not os.path.exists(cfg.target_path):  # checked before training
         spd.make_dir(os.path.dirname(cfg.target_path), "--target_path")
     t0 = time.time()
@@ -892,29 +916,32 @@ def main(argv):
         lengths = (16, 64, 1024, 10240)
         rows = table2(target, cfg, lengths)
         print_table2(rows, lengths, name)
-        spd.atomic_json({"device": name, "lengths": lengths, "it_per_s": rows, "paper": PAPER_TABLE2},
-                        out(time.strftime("table2_%Y%m%d_%H%M%S.json")))  # never over an earlier one
+        spd.atomic_write(out(time.strftime("table2_%Y%m%d_%H%M%S.json")),  # never over an earlier one
+                         {"device": name, "lengths": lengths, "it_per_s": rows, "paper": PAPER_TABLE2})
         return rows
     if "--bench" in modes:
         print(f"SPD step at the anchor config on {device} ({torch.get_num_threads()} threads):")
         rows = bench(target, cfg.bench_against)
-        spd.atomic_json({"device": str(device), "threads": torch.get_num_threads(),
-                         "ms_per_step": rows}, out(time.strftime("bench_%Y%m%d_%H%M%S.json")))
+        spd.atomic_write(out(time.strftime("bench_%Y%m%d_%H%M%S.json")),
+                         {"device": str(device), "threads": torch.get_num_threads(),
+                          "ms_per_step": rows})
         return rows
     if "--table1" in modes:                           # Table 1 again for the saved decomposition,
         s, saved = spd.load(out("spd.pt"), target)    # e.g. on more sequences (--eval_batch)
+        check_same_run(saved, cfg, given, out("spd.pt"))
         cfg.out_proj = saved.get("out_proj", False)
         r = table1(s.to(device), target, cfg)
         print_table1(r)
         other = "" if cfg.threshold == InductionConfig.threshold else f"_threshold_{cfg.threshold}"
-        spd.atomic_json(r, out(f"table1_{cfg.eval_batch}_sequences{other}.json"))
+        spd.atomic_write(out(f"table1_{cfg.eval_batch}_sequences{other}.json"), r)
         return r
     if "--svd-baseline" in modes:
-        s, _ = spd.load(out("spd.pt"), target)
+        s, saved = spd.load(out("spd.pt"), target)
+        check_same_run(saved, cfg, given, out("spd.pt"))
         r = figure2(s.to(device), target, cfg)
         print_figure2(r)
         name = "figure2" + ("" if cfg.eval_batch == InductionConfig.eval_batch else f"_{cfg.eval_batch}_sequences")
-        spd.atomic_json(r, out(f"{name}.json"))         # (the same sequences give the same file)
+        spd.atomic_write(out(f"{name}.json"), r)         # (the same sequences give the same file)
         if save_figure2(r, out(f"{name}.png")):
             print(f"saved {out(name + '.png')}")
         return r
@@ -940,7 +967,7 @@ def main(argv):
     print_table1(results)
     results.update(config=dataclasses.asdict(cfg), preset=preset, history=history,
                    wall_seconds=time.time() - t0)
-    spd.atomic_json(results, out("table1.json"))
+    spd.atomic_write(out("table1.json"), results)
     print(f"wrote {out('table1.json')} and {out('spd.pt')}; {time.time() - t0:.0f} s in all")
     return results
 

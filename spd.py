@@ -12,7 +12,7 @@ sequence models. Read it beside the paper; each section cites the equation it im
   5. Losses                    faithfulness, minimality, six reconstructions     Eq. 1, 2, 3, 5, 6
   6. Training step and loop                                                      Alg. 3
   7. Save / load
-  8. Measures                  L0, active subcomponents
+  8. Measures                  causal importances, L0
 
 Dimensions: B batch, S sequence, C subcomponents per matrix, d_in/d_out a layer's input/output
 width, H = D_gate the hidden width of each γ_c MLP, K the number of mask sets stacked along the
@@ -463,7 +463,7 @@ def importance_minimality_loss(g_upper, p, weight=None):
 
 
 def _average(total, weight):
-    return total.mean() if weight is None else (total * weight).sum() / weight.sum()
+    return total.mean() if weight is None else (total * weight).sum() / weight.expand_as(total).sum()
 
 
 def importance_minimality_loss_fused(pre, p, weight=None):
@@ -492,6 +492,8 @@ class _MinimalityTerm(torch.autograd.Function):
 
 def random_layer_subset(names):
     """A uniformly random non-empty subset M of the layers (Eq. 5-6)."""
+    if not names:
+        raise SPDError("the partial losses need at least one layer to draw a subset from")
     while True:
         keep = torch.rand(len(names)) < 0.5
         if keep.any():
@@ -711,6 +713,9 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
     the history: the loss terms and mean L0 per layer, one dict per log line."""
     from tqdm import tqdm
     check_config(cfg)                                          # (a subclass's own fields: its script)
+    if (data_rng is not None and not isinstance(data_rng, torch.Generator)
+            or checkpoint and os.path.isdir(checkpoint)):
+        raise SPDError("checkpoint must be a file's path and data_rng a torch.Generator (or None)")
     torch.manual_seed(cfg.seed)
     opt, history, first, stop = make_optimizer(spd, cfg), [], 0, []
     step_fn = _compiled_step() if cfg.compile else training_step
@@ -730,7 +735,8 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
         bar = tqdm(range(first, cfg.steps), desc="SPD", mininterval=1.0, leave=False, disable=None)
         for step in bar:
             batch = next_batch()
-            x, weight = batch if isinstance(batch, tuple) else (batch, None)
+            x, weight = batch if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None)
+            _check_batch(x, weight, cfg.last_token_only)
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step)
             total, terms, g = step_fn(spd, x, cfg, step, weight)
@@ -758,6 +764,18 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 save_now(step + 1)
     return history
+
+
+def _check_batch(x, weight, last_token_only):
+    """x (B, S, ...), B and S >= 1; weight (B, S) >= 0, not all 0, and > 0 at every final position
+    if only the final positions are trained (no right padding)."""
+    if not torch.is_tensor(x) or x.dim() < 2 or 0 in x.shape[:2] or weight is not None and not (
+            torch.is_tensor(weight) and weight.shape == x.shape[:2] and (weight >= 0).all()
+            and weight.sum() > 0 and (not last_token_only or (weight[:, -1] > 0).all())):
+        shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+        raise SPDError(f"next_batch() gave x {shape(x)}, weight {shape(weight)}; it must give tokens "
+                       f"(B, S), B, S >= 1, or (tokens, weight (B, S) >= 0, not all 0; > 0 at the "
+                       f"final positions with last_token_only: pad on the left)")
 
 
 def _compiled_step():
@@ -856,25 +874,21 @@ def make_dir(path, what):
         raise SPDError(f"cannot write into the folder {path or '.'!r} for {what}")
 
 
-def atomic_write(path, write):
-    """write(tmp) to a temporary file in the same folder (same extension), then os.replace it
-    onto path: a run killed while writing leaves the previous file whole."""
+def atomic_write(path, obj):
+    """Write obj to a temporary file in the same folder (same extension), then os.replace it onto
+    path, so a run killed while writing leaves the previous file whole. obj: a function that
+    writes a file of the name it is given (fig.savefig, lambda f: torch.save(x, f)), or what
+    json.dumps takes (written as JSON)."""
     make_dir(os.path.dirname(path), path)
     if os.path.isdir(path):
         raise SPDError(f"{path} is a folder: give a file name")
     root, ext = os.path.splitext(path)
-    write(f"{root}.tmp{ext}")
-    os.replace(f"{root}.tmp{ext}", path)
-
-
-def atomic_save(obj, path):
-    """torch.save(obj, path) through atomic_write, whatever the file's name (results: atomic_json)."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_json(obj, path):
-    """json.dumps(obj) to path through atomic_write (results; tensors go through atomic_save)."""
-    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=1)))
+    tmp = f"{root}.tmp{ext}"
+    if callable(obj):
+        obj(tmp)
+    else:
+        pathlib.Path(tmp).write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
 
 
 def read_file(path, what, fix, keys=()):
@@ -904,7 +918,11 @@ def _restore(spd, path, ckpt):
     old = ckpt["spec"]["ci"] != "attention" and ckpt.get("format") == 1  # format 1: ...ci.gamma.W1
     state = {k.replace(".ci.gamma.", ".ci.") if old else k: v.to(dev) for k, v in ckpt["state"].items()}
     trainable = [n for n, p in spd.named_parameters() if p.requires_grad]   # (the target is not saved)
-    res = spd.load_state_dict(state, strict=False)
+    try:
+        res = spd.load_state_dict(state, strict=False)
+    except RuntimeError as e:                                  # a tensor of another shape (C)
+        raise SPDError(f"{path} does not fit this decomposition "
+                       f"({str(e).splitlines()[-1].strip()})") from None
     bad = res.unexpected_keys + [k for k in res.missing_keys if k in trainable]
     if bad:
         raise SPDError(f"{path} does not fit this code's decomposition: {bad[0]!r} is extra or missing")
@@ -913,10 +931,16 @@ def _restore(spd, path, ckpt):
 def save(spd, path, config=None, **more):
     """One file: U, V, the CI parameters, the SPDModel spec, a config, the target's identity
     (and `more`: save_checkpoint's optimizer, step and random states)."""
-    config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    config = _plain(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config or {})
     state = {n: p.detach().cpu() for n, p in spd.named_parameters() if p.requires_grad}  # no target
-    atomic_save({"format": FORMAT, "spec": spd.spec, "config": config or {},
-                 "identity": target_identity(spd), "state": state, **more}, path)
+    obj = {"format": FORMAT, "spec": spd.spec, "config": config, "identity": target_identity(spd),
+           "state": state, **more}
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _plain(config):
+    """config through JSON (a Path becomes a string): what torch.load(weights_only=True) reads."""
+    return json.loads(json.dumps(config, default=str))
 
 
 def load(path, target):
@@ -942,7 +966,7 @@ def load_checkpoint(path, spd, opt, cfg, data_rng=None):
     if not path or not os.path.exists(path):
         raise SPDError(f"no checkpoint to resume at {path}; run without --resume=true")
     ckpt = read_file(path, "checkpoint", fix, keys=("step", "config", "optimizer", "state", "rng"))
-    now = dataclasses.asdict(cfg)
+    now = _plain(dataclasses.asdict(cfg))
     diff = [k for k in now if k not in cfg.RUN_ONLY and ckpt["config"].get(k) != now[k]]
     if diff:
         raise SPDError(f"{path} was saved with --{diff[0]}={ckpt['config'].get(diff[0])}, not "
@@ -970,10 +994,3 @@ def causal_importances(spd, x):
 def mean_l0(g, weight=None, threshold=0.0):
     """{layer: mean number of subcomponents with g > threshold per position}."""
     return {n: _average((v > threshold).float().sum(-1), weight) for n, v in g.items()}
-
-
-def active_subcomponents(g, threshold=0.0, weight=None):
-    """{layer: sorted subcomponent indices with g > threshold somewhere (where weight > 0)}."""
-    keep = True if weight is None else weight[..., None] > 0
-    return {n: ((v > threshold) & keep).flatten(0, -2).any(0).nonzero().flatten().tolist()
-            for n, v in g.items()}                             # v (B, S, C)

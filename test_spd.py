@@ -773,6 +773,18 @@ def test_suppress_subcomponents_linear_and_conv1d_agree():
     assert torch.equal(conv[0].weight, lin[0].weight.T)  # the caller's models are untouched
     with pytest.raises(spd.SPDError, match="not a decomposed layer"):
         gpt2_facts.suppress_subcomponents(lin, a, {"1": [0]})
+    assert torch.equal(gpt2_facts.suppress_subcomponents(lin, a, {"0": torch.tensor([1, 3])})[0].weight,
+                       ea[0].weight)                                   # indices as a tensor
+    with pytest.raises(spd.SPDError, match="must be distinct"):
+        gpt2_facts.suppress_subcomponents(lin, a, {"0": torch.tensor([1, 1])})
+    other = copy.deepcopy(lin)
+    other[0].weight.data[0, 0] += 1
+    with pytest.raises(spd.SPDError, match="not the one s decomposed"):
+        gpt2_facts.suppress_subcomponents(other, a, {"0": [1]})
+    with torch.no_grad():
+        L.U[:, 2] = 0                                                  # a piece that writes nothing
+    with pytest.raises(spd.SPDError, match="a direction is zero"):
+        gpt2_facts.suppress_subcomponents(lin, a, {"0": [2]})
     C = a.layers["0"].V.shape[0]
     for bad in ([1, 1], [-1], [C]):                 # twice would project a direction out twice
         with pytest.raises(spd.SPDError, match=f"must be distinct, in 0..{C - 1}"):
@@ -786,9 +798,19 @@ def test_save_load_roundtrip_and_mismatch(tmp_path):
     m = tiny()
     s = spd.SPDModel(m, "blocks.*.attn.q_proj", C=3, ci="attention", d_gate=4, max_seq_len=6)
     path = tmp_path / "spd.pt"
-    spd.save(s, path, spd.Config(C=3))
+
+    @dataclasses.dataclass
+    class MyConfig(spd.Config):                     # a field torch.load(weights_only=True) refuses
+        out_dir: pathlib.Path = pathlib.Path("runs")
+    spd.save(s, path, MyConfig(C=3))
     s2, cfg = spd.load(path, m)
-    assert cfg["C"] == 3
+    assert cfg["C"] == 3 and cfg["out_dir"] == "runs"
+    cfg = MyConfig(C=3)
+    spd.save_checkpoint(str(tmp_path / "ckpt.pt"), s, spd.make_optimizer(s, cfg), cfg, 0, [])
+    s4 = spd.SPDModel(m, "blocks.*.attn.q_proj", C=4, ci="attention", d_gate=4, max_seq_len=6)
+    with pytest.raises(spd.SPDError, match="ckpt.pt does not fit this decomposition .*size mismatch"):
+        spd.load_checkpoint(str(tmp_path / "ckpt.pt"), s4, spd.make_optimizer(s4, cfg), cfg)
+    assert spd.load_checkpoint(str(tmp_path / "ckpt.pt"), s, spd.make_optimizer(s, cfg), cfg)[0] == 0
     t = torch.randint(0, 11, (2, 6))
     _, inputs = s.target_forward(t)
     for (n, a), b in zip(s.causal_importance(inputs).items(), s2.causal_importance(inputs).values()):
@@ -862,6 +884,19 @@ def test_bad_api_input_is_a_one_line_error(tmp_path):
         with pytest.raises(spd.SPDError, match=re.escape(message)):
             spd.train(s, spd.Config(ci="vector", **bad), lambda: torch.randint(0, 11, (2, 6)), log=None)
     assert all(torch.equal(a, b) for a, b in zip(before, s.trainable_parameters()))
+    x, cfg = torch.randint(0, 11, (4, 6)), spd.Config(ci="vector", steps=2, log_every=1)
+    pad = torch.ones(4, 6)
+    pad[0, -1] = 0                                           # right padding: no final token to train
+    for batch in [torch.zeros(0, 6, dtype=torch.long), x[0], (x, torch.ones(6)), (x, torch.ones(4)),
+                  (x, torch.zeros(4, 6)), (x, -torch.ones(4, 6)), (x, pad), (x,), None]:
+        with pytest.raises(spd.SPDError, match=r"next_batch\(\) gave x .*, weight .*; it must give tokens \(B, S\)"):
+            spd.train(s, cfg, lambda: batch, log=lambda *a: None)
+    spd.train(s, dataclasses.replace(cfg, last_token_only=False), lambda: [x, pad], log=lambda *a: None)
+    for bad in [dict(data_rng=0), dict(checkpoint=str(tmp_path))]:
+        with pytest.raises(spd.SPDError, match="checkpoint must be a file's path and data_rng a torch.Generator"):
+            spd.train(s, cfg, lambda: x, log=lambda *a: None, **bad)
+    with pytest.raises(spd.SPDError, match="at least one layer"):
+        spd.random_layer_subset([])                            # (it would draw forever)
     (tmp_path / "spd.pt").mkdir()
     (tmp_path / "spd.pt" / "keep").write_text("x")
     with pytest.raises(spd.SPDError, match="spd.pt is a folder: give a file name"):
@@ -874,16 +909,25 @@ def test_measures():
     assert spd.mean_l0(g, threshold=0.1)["a"].item() == pytest.approx(1.0)
     assert spd.mean_l0(g)["a"].item() == pytest.approx(1.5)                 # g > 0: zeros do not count
     assert spd.mean_l0(g, torch.tensor([[1.0, 3.0]]))["a"].item() == pytest.approx((2 + 3) / 4)
-    assert spd.active_subcomponents(g, threshold=0.01)["a"] == [0, 1, 2]
-    assert spd.active_subcomponents(g, threshold=0.1)["a"] == [1, 2]
-    w = torch.tensor([[0.0, 1.0]])
-    assert spd.active_subcomponents(g, threshold=0.01, weight=w)["a"] == [0]
+    for w in [torch.tensor([1.0, 3.0]), torch.tensor([[1.0, 3.0]]).expand(4, 2)]:  # broadcast, B 4
+        assert spd.mean_l0({"a": g["a"].expand(4, 2, 3)}, w)["a"].item() == pytest.approx((2 + 3) / 4)
 
 
 # -----------------------------------------------------------------------------
 # gpt2_facts.py (offline: the tiny model; nothing here reaches the network)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_gpt2_random_skips_the_analyses(tmp_path, monkeypatch, capsys):
+    """Random weights: speed and memory only (GPT-2-small shapes shrunk to one narrow layer here)."""
+    monkeypatch.setattr(gpt2_facts, "GPT2Config",
+                        lambda **kw: GPT2Config(**kw, n_layer=1, n_embd=16, n_head=2, n_positions=32))
+    res = gpt2_facts.main(["--model=gpt2-random", "--preset=tiny", "--steps=2", "--C=4", "--d_gate=2",
+                           "--save=false", "--threads=1", f"--out_dir={tmp_path}"])
+    assert "the analyses would measure nothing, so they are skipped" in capsys.readouterr().out
+    assert res["training"]["steps"] == 2 and "suppression" not in res and "claim" not in res
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(res))
 
 
 def test_tiny_end_to_end_outputs(tmp_path, monkeypatch, capsys):
@@ -1182,7 +1226,7 @@ def test_bad_input_is_a_one_line_error(case, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "empty").mkdir()
     argv, expect = {
-        "missing_folder": ([f"--model={tmp_path / 'no_such_model'}"], "could not load GPT-2 weights"),
+        "missing_folder": ([f"--model={tmp_path / 'no_such_model'}"], "no_such_model: there is no such folder"),
         "empty_folder": ([f"--model={tmp_path / 'empty'}"], "; it needs config.json, model weights and tokenizer files"),
         "unknown_key": (["--nope=1"], "unknown config key 'nope'"),
         "bad_type": (["--model=tiny", "--steps=abc"], "--steps needs an int"),
@@ -1618,6 +1662,10 @@ BAD_INDUCTION = {  # case -> (extra argv, expected message, file to break first)
     "bench_missing": (["--bench", "--bench_against={d}/none.py"], r"--bench_against=.*none.py is out of range: it must be an existing spd.py file", None),
     "bench_garbage": (["--bench", "--bench_against={d}/bad_target.pt"], r"bad_target.pt is not an importable spd.py", "bad_target.pt:garbage"),
     "bench_not_spd": (["--bench", "--bench_against={d}/other.py"], r"other.py is not an importable spd.py \(AttributeError\)", "other.py:python"),
+    "bench_training_flag": (["--bench", "--C=3"], r"--C does nothing with --bench; it takes --bench_against, --device", None),
+    "table1_other_run": (["--table1", "--steps=7"], r"spd.pt was made with --steps=6, not 7: drop --steps, or pass the --out_dir of the run", None),
+    "svd_other_run": (["--svd-baseline", "--seed=3"], r"spd.pt was made with --seed=0, not 3", None),
+    "table1_missing_target": (["--table1", "--target_path={d}/typo.pt"], r"--target_path=.*typo.pt is not there: a saved run needs the target it was made with", None),
     "bare_key": (["--steps"], r"--steps needs a value: --steps=\.\.\.", None),
     "table1_no_spd": (["--table1", "--out_dir={d}/empty"], r"--table1 reads .*empty/spd.pt, which is not there: run the decomposition with the same settings", None),
     "finished_table1_only": (["--out_dir={d}/t1only"], r"t1only holds a finished run \(table1.json\)", "t1only/table1.json:table1"),
@@ -1649,7 +1697,10 @@ def test_bad_input_never_loses_work(case, finished_runs, capsys):
                 shutil.copy(d / ("spd.pt" if "spd" in name else "target.pt"), d / name)
             corrupt(d / name, how)
     before = {sub: snapshot(d / sub) for sub in ["", "cut", "foreign"] if (d / sub).exists()}
-    code = induction.cli(induction_argv(d, *[e.format(d=d) for e in extra]))
+    extra = [e.format(d=d) for e in extra]
+    bench = [f"--target_path={d}/target.pt", f"--out_dir={d}", "--threads=1", "--device=cpu"]
+    code = induction.cli(bench + extra if extra[:1] == ["--bench"] and "--C=3" not in extra
+                         else induction_argv(d, *extra))    # (--bench takes no training settings)
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and err[0].startswith("error: "), err
     assert re.search(message, err[0]), err[0]

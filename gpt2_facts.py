@@ -589,9 +589,10 @@ def suppress_subcomponents(target, s, chosen):
     for name, cs in chosen.items():
         if name not in s.layers:
             raise spd.SPDError(f"{name!r} is not a decomposed layer; decomposed: {', '.join(s.layers)}")
-        layer, cs = s.layers[name], [int(c) for c in cs]      # (a tensor's elements hash by id)
-        if len(set(cs)) != len(cs) or not all(0 <= c < layer.V.shape[0] for c in cs):
-            raise spd.SPDError(f"{name}: subcomponents {cs} must be distinct, in 0..{layer.V.shape[0] - 1}")
+        layer, cs = s.layers[name], [int(c) if int(c) == c else c for c in cs]  # (tensors hash by id)
+        if len(set(cs)) != len(cs) or not all(isinstance(c, int) and 0 <= c < layer.V.shape[0] for c in cs):
+            raise spd.SPDError(f"{name}: subcomponents {cs} must be distinct integers in "
+                               f"0..{layer.V.shape[0] - 1}")
         W = spd.layer_weight(edited.get_submodule(name))       # a view into the copy's weight
         if not torch.equal(W, layer.W.to(W)):
             raise spd.SPDError(f"{name}: this model's weight is not the one s decomposed; pass "
@@ -702,7 +703,8 @@ def run(cfg):
     res["target_check"] = {"P(basketball)": [p[0] for p in P0], "P(golf)": [p[1] for p in P0],
                            "argmax": [tokenizer.decode([int(t)]) for t in top], "correct": correct}
 
-    res["zero_mlp"] = report_zero_mlp(model, tokenizer)    # Figure 9, before any SPD
+    if cfg.model != "gpt2-random":                         # (random weights: speed and memory only)
+        res["zero_mlp"] = report_zero_mlp(model, tokenizer)    # Figure 9, before any SPD
 
     # 2) the decomposition (Algorithm 3, A.3.1): batch = both facts, loss on every valid token
     edit_layers = spd.match_modules(model, cfg.edit_patterns)
@@ -755,9 +757,10 @@ def run(cfg):
     spd.atomic_write(os.path.join(cfg.out_dir, "results.json"), res)
     if os.path.exists(checkpoint):
         os.remove(checkpoint)                                    # complete: results.json holds it
-    figures = save_figures(res, cfg.out_dir) if "fact_set" in res else []
+    figures = save_figures(res, cfg.out_dir) if "fact_set" in res else None
     print(f"\nwrote {os.path.join(cfg.out_dir, 'results.json')}"
-          + (f" and {', '.join(figures)}" if figures else " (no matplotlib: no figures)")
+          + (f" and {', '.join(figures)}" if figures else " (no matplotlib: no figures)"
+             if figures is not None else "")
           + f"; total {res['wall_seconds']:.0f} s")
     return res
 

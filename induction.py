@@ -839,7 +839,8 @@ def parse_config(argv):
 
 
 MODES = ("--table1", "--table2", "--bench", "--svd-baseline", "--train-target")
-BENCH_KEYS = {"bench_against", "target_path", "out_dir", "threads", "device"}  # all --bench reads
+BENCH_KEYS = {"bench_against", "out_dir", "threads", "device", "seed",  # all --bench reads (seed and
+              *[k for k in TABLE3], "target_path"}                   # target_*: a missing target)
 
 
 def check_same_run(saved, cfg, given, path):
@@ -888,7 +889,7 @@ def main(argv):
     if cfg.resume and not modes and not os.path.exists(out("checkpoint.pt")):
         raise spd.SPDError(f"no checkpoint to resume at {out('checkpoint.pt')}; run without "
                            f"--resume=true")
-    reads_a_run = cfg.resume or set(modes) & {"--table1", "--svd-baseline"}
+    reads_a_run = cfg.resume and not modes or set(modes) & {"--table1", "--svd-baseline"}
     if reads_a_run and not os.path.exists(cfg.target_path):
         raise spd.SPDError(f"--target_path={cfg.target_path} is not there: a saved run needs the target "
                            f"it was made with (a stand-in trained now would not be it)")

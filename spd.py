@@ -689,7 +689,9 @@ def make_optimizer(spd, cfg):
     params = spd.trainable_parameters()
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    return torch.optim.Adam(params, lr=cfg.lr, fused=True)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, fused=True)
+    raise SPDError(f"unknown optimizer {cfg.optimizer!r}: use adam or adamw")
 
 
 def faithfulness_warmup(spd, cfg):
@@ -712,7 +714,7 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
     cfg.resume continues it exactly. A non-finite loss stops the run with an SPDError. Returns
     the history: the loss terms and mean L0 per layer, one dict per log line."""
     from tqdm import tqdm
-    check_config(cfg)                                          # (a subclass's own fields: its script)
+    check_config(dataclasses.replace(cfg, device="cpu"))       # (train reads no device)
     if (data_rng is not None and not isinstance(data_rng, torch.Generator)
             or checkpoint and os.path.isdir(checkpoint)):
         raise SPDError("checkpoint must be a file's path and data_rng a torch.Generator (or None)")
@@ -736,7 +738,7 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
         for step in bar:
             batch = next_batch()
             x, weight = batch if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None)
-            _check_batch(x, weight, cfg.last_token_only)
+            _check_batch(x, weight, cfg.last_token_only, values=step == first)
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step)
             total, terms, g = step_fn(spd, x, cfg, step, weight)
@@ -766,12 +768,13 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
     return history
 
 
-def _check_batch(x, weight, last_token_only):
-    """x (B, S, ...), B and S >= 1; weight (B, S) >= 0, not all 0, and > 0 at every final position
-    if only the final positions are trained (no right padding)."""
-    if not torch.is_tensor(x) or x.dim() < 2 or 0 in x.shape[:2] or weight is not None and not (
-            torch.is_tensor(weight) and weight.shape == x.shape[:2] and (weight >= 0).all()
-            and weight.sum() > 0 and (not last_token_only or (weight[:, -1] > 0).all())):
+def _check_batch(x, weight, last_token_only, values):
+    """x (B, S, ...), B and S >= 1; weight (B, S), and if values (the first step: reading them waits
+    for a GPU) >= 0, not all 0, and > 0 at the final positions if only they are trained."""
+    bad = not torch.is_tensor(x) or x.dim() < 2 or 0 in x.shape[:2] or weight is not None and (
+        not torch.is_tensor(weight) or weight.shape != x.shape[:2] or values and not (
+            (weight >= 0).all() and weight.sum() > 0 and (not last_token_only or weight[:, -1].all())))
+    if bad:
         shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
         raise SPDError(f"next_batch() gave x {shape(x)}, weight {shape(weight)}; it must give tokens "
                        f"(B, S), B, S >= 1, or (tokens, weight (B, S) >= 0, not all 0; > 0 at the "
@@ -939,7 +942,7 @@ def save(spd, path, config=None, **more):
 
 
 def _plain(config):
-    """config through JSON (a Path becomes a string): what torch.load(weights_only=True) reads."""
+    """config through JSON (what it cannot hold, e.g. a Path, as str): weights_only loads it."""
     return json.loads(json.dumps(config, default=str))
 
 

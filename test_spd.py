@@ -775,8 +775,9 @@ def test_suppress_subcomponents_linear_and_conv1d_agree():
         gpt2_facts.suppress_subcomponents(lin, a, {"1": [0]})
     assert torch.equal(gpt2_facts.suppress_subcomponents(lin, a, {"0": torch.tensor([1, 3])})[0].weight,
                        ea[0].weight)                                   # indices as a tensor
-    with pytest.raises(spd.SPDError, match="must be distinct"):
-        gpt2_facts.suppress_subcomponents(lin, a, {"0": torch.tensor([1, 1])})
+    for bad in [torch.tensor([1, 1]), [1.9]]:
+        with pytest.raises(spd.SPDError, match="must be distinct integers"):
+            gpt2_facts.suppress_subcomponents(lin, a, {"0": bad})
     other = copy.deepcopy(lin)
     other[0].weight.data[0, 0] += 1
     with pytest.raises(spd.SPDError, match="not the one s decomposed"):
@@ -787,7 +788,7 @@ def test_suppress_subcomponents_linear_and_conv1d_agree():
         gpt2_facts.suppress_subcomponents(lin, a, {"0": [2]})
     C = a.layers["0"].V.shape[0]
     for bad in ([1, 1], [-1], [C]):                 # twice would project a direction out twice
-        with pytest.raises(spd.SPDError, match=f"must be distinct, in 0..{C - 1}"):
+        with pytest.raises(spd.SPDError, match=f"must be distinct integers in 0..{C - 1}"):
             gpt2_facts.suppress_subcomponents(lin, a, {"0": bad})
 
 
@@ -897,6 +898,9 @@ def test_bad_api_input_is_a_one_line_error(tmp_path):
             spd.train(s, cfg, lambda: x, log=lambda *a: None, **bad)
     with pytest.raises(spd.SPDError, match="at least one layer"):
         spd.random_layer_subset([])                            # (it would draw forever)
+    with pytest.raises(spd.SPDError, match="unknown optimizer 'sgd'"):
+        spd.make_optimizer(s, spd.Config(optimizer="sgd"))     # (called without train's check)
+    spd.train(s, dataclasses.replace(cfg, device="cuda:7"), lambda: x, log=lambda *a: None)  # unread
     (tmp_path / "spd.pt").mkdir()
     (tmp_path / "spd.pt" / "keep").write_text("x")
     with pytest.raises(spd.SPDError, match="spd.pt is a folder: give a file name"):
@@ -925,7 +929,9 @@ def test_gpt2_random_skips_the_analyses(tmp_path, monkeypatch, capsys):
                         lambda **kw: GPT2Config(**kw, n_layer=1, n_embd=16, n_head=2, n_positions=32))
     res = gpt2_facts.main(["--model=gpt2-random", "--preset=tiny", "--steps=2", "--C=4", "--d_gate=2",
                            "--save=false", "--threads=1", f"--out_dir={tmp_path}"])
-    assert "the analyses would measure nothing, so they are skipped" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "the analyses would measure nothing, so they are skipped" in printed
+    assert "no matplotlib" not in printed and "zero_mlp" not in res
     assert res["training"]["steps"] == 2 and "suppression" not in res and "claim" not in res
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(res))
 
@@ -1666,6 +1672,8 @@ BAD_INDUCTION = {  # case -> (extra argv, expected message, file to break first)
     "table1_other_run": (["--table1", "--steps=7"], r"spd.pt was made with --steps=6, not 7: drop --steps, or pass the --out_dir of the run", None),
     "svd_other_run": (["--svd-baseline", "--seed=3"], r"spd.pt was made with --seed=0, not 3", None),
     "table1_missing_target": (["--table1", "--target_path={d}/typo.pt"], r"--target_path=.*typo.pt is not there: a saved run needs the target it was made with", None),
+    "resume_nothing_no_target": (["--resume=true", "--out_dir={d}/empty", "--target_path={d}/none.pt"], r"no checkpoint to resume at .*empty/checkpoint.pt", None),
+    "resume_missing_target": (["--resume=true", "--out_dir={d}/ck", "--target_path={d}/none.pt"], r"none.pt is not there: a saved run needs the target it was made with", "ck/checkpoint.pt:copy"),
     "bare_key": (["--steps"], r"--steps needs a value: --steps=\.\.\.", None),
     "table1_no_spd": (["--table1", "--out_dir={d}/empty"], r"--table1 reads .*empty/spd.pt, which is not there: run the decomposition with the same settings", None),
     "finished_table1_only": (["--out_dir={d}/t1only"], r"t1only holds a finished run \(table1.json\)", "t1only/table1.json:table1"),
@@ -1687,6 +1695,8 @@ def test_bad_input_never_loses_work(case, finished_runs, capsys):
             shutil.copy(d / "other_spd.pt", d / name)
         elif how == "python":
             (d / name).write_text("x = 1\n")
+        elif how == "copy":                                    # a file in place of a checkpoint
+            shutil.copy(d / "spd.pt", d / name)
         elif how == "table1":                                  # a finished run's table, no spd.pt
             shutil.copy(d / "table1.json", d / name)
         elif how == "unfinished":                              # a target trained 5 steps, then stopped

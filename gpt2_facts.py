@@ -714,7 +714,7 @@ def run(cfg):
     torch.manual_seed(cfg.seed)  # the same start whether the tiny target was trained or loaded
     with device:  # U, V and the CI MLPs are created on the device (3.3 B numbers for the paper preset)
         s = spd.SPDModel(model, cfg.patterns, C=cfg.C, ci=cfg.ci, d_gate=cfg.d_gate,
-                         max_seq_len=model.config.n_positions).to(device)
+                         max_seq_len=model.config.n_positions, causal=cfg.ci_causal).to(device)
     n_train = sum(p.numel() for p in s.trainable_parameters())
     reps = cfg.batch_size // len(ATHLETE_FACTS)
     xb, wb = x.repeat(reps, 1), weight.repeat(reps, 1)                  # (batch_size, S)

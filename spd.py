@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import os
-import pathlib
 import time
 from typing import ClassVar
 
@@ -151,8 +150,9 @@ class SPDModel(nn.Module):
         self.layers = {}   # name -> DecomposedLayer (also registered inside self.model)
         for name in self.spec["patterns"]:
             module = self.model.get_submodule(name)
-            d_in = layer_weight(module).shape[1]
-            layer = DecomposedLayer(module, C, make_ci(ci, d_in, C, d_gate, max_seq_len, causal))
+            W = layer_weight(module)                   # U, V and γ take W's device and dtype
+            layer = DecomposedLayer(module, C, make_ci(ci, W.shape[1], C, d_gate, max_seq_len, causal))
+            layer.to(W.device, W.dtype)
             self.model.set_submodule(name, layer)
             self.layers[name] = layer
 
@@ -588,8 +588,7 @@ def apply_overrides(cfg, args):
             raise SPDError(f"bad argument {arg!r}: use --key=value")
         if key not in fields:
             raise SPDError(f"unknown config key {key!r}; known: {', '.join(fields)}")
-        if value.startswith("~"):                     # (no shell expands ~ after =)
-            value = os.path.expanduser(value)
+        value = os.path.expanduser(value)             # a leading ~ (no shell expands it after =)
         kind = type(getattr(cfg, key))
         try:
             if kind is bool:
@@ -610,14 +609,11 @@ _NONNEGATIVE = (lambda v: 0 <= v < math.inf, ">= 0 and finite")
 CONFIG_RULES = {  # field -> (allowed?, what is allowed) for every non-bool field of Config
     "C": _at_least(1), "ci": _one_of("scalar", "vector", "attention"), "d_gate": _at_least(1),
     "n_mask_samples": _at_least(1),
-    **{f"beta_{n}": _NONNEGATIVE for n in ["faithfulness", "minimality", "recon",
-       "stochastic_recon", "layerwise_recon", "stochastic_layerwise_recon", "partial_recon",
-       "stochastic_partial_recon", "minimality_final"]},
+    **{f.name: _NONNEGATIVE for f in dataclasses.fields(Config) if f.name.startswith("beta_")},
     "minimality_decay_from": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     "p_start": (lambda v: 0 < v <= 2, "in (0, 2]"), "p_final": (lambda v: 0 < v <= 2, "in (0, 2]"),
     "steps": _at_least(1), "batch_size": _at_least(1), "optimizer": _one_of("adam", "adamw"),
-    "lr": _POSITIVE,
-    "weight_decay": _NONNEGATIVE, "lr_schedule": _one_of("constant", "cosine"),
+    "lr": _POSITIVE, "weight_decay": _NONNEGATIVE, "lr_schedule": _one_of("constant", "cosine"),
     "lr_warmup": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     "faithfulness_warmup_steps": _at_least(0), "faithfulness_warmup_lr": _POSITIVE,
     "seed": (lambda v: 0 <= v < 2**63, ">= 0 and < 2**63"), "log_every": _at_least(1),
@@ -627,7 +623,13 @@ CONFIG_RULES = {  # field -> (allowed?, what is allowed) for every non-bool fiel
 
 
 def check_config(cfg, rules=CONFIG_RULES):
-    """One-line SPDError: a field out of its range (bools: apply_overrides), or no such CUDA device."""
+    """One-line SPDError: a field not of its default's type, or out of its range; no such CUDA device."""
+    for f in dataclasses.fields(cfg):
+        v, kind = getattr(cfg, f.name), type(f.default)        # (an int is a fine float: lr=1)
+        ok = (isinstance(v, (int, float) if kind is float else kind)
+              and isinstance(v, bool) == (kind is bool))
+        if f.default is not dataclasses.MISSING and not ok:
+            raise SPDError(f"--{f.name}={v!r} is a {type(v).__name__}, not {kind.__name__}")
     for name, (ok, allowed) in rules.items():
         if not ok(getattr(cfg, name)):
             raise SPDError(f"--{name}={getattr(cfg, name)} is out of range: it must be {allowed}")
@@ -715,6 +717,10 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
     the history: the loss terms and mean L0 per layer, one dict per log line."""
     from tqdm import tqdm
     check_config(dataclasses.replace(cfg, device="cpu"))       # (train reads no device)
+    built = {k: spd.spec[k.replace("ci_", "")] for k in ("C", "ci", "d_gate", "ci_causal")}
+    for k in [k for k, v in built.items() if getattr(cfg, k) != v][:1]:  # (else the saved config lies)
+        raise SPDError(f"--{k}={getattr(cfg, k)} but the SPDModel was built with {built[k]}: build "
+                       f"it from the config, or set the config's {k} to {built[k]}")
     if (data_rng is not None and not isinstance(data_rng, torch.Generator)
             or checkpoint and os.path.isdir(checkpoint)):
         raise SPDError("checkpoint must be a file's path and data_rng a torch.Generator (or None)")
@@ -890,7 +896,8 @@ def atomic_write(path, obj):
     if callable(obj):
         obj(tmp)
     else:
-        pathlib.Path(tmp).write_text(json.dumps(obj, indent=1))
+        with open(tmp, "w") as f:
+            f.write(json.dumps(obj, indent=1))
     os.replace(tmp, path)
 
 

@@ -69,6 +69,11 @@ def tiny(seed=0, **kw):
     return Tiny(**kw)
 
 
+def config_for(s, **kw):
+    """spd.Config with the C, CI function and D_gate s was built with (train checks them)."""
+    return spd.Config(C=s.spec["C"], ci=s.spec["ci"], d_gate=s.spec["d_gate"], **kw)
+
+
 def copy_decomposition(src, dst):
     keep = {n for n, p in src.named_parameters() if p.requires_grad}
     dst.load_state_dict({k: v for k, v in src.state_dict().items() if k in keep}, strict=False)
@@ -314,7 +319,7 @@ def test_ctrl_c_in_faithfulness_warmup_stops_after_one_step(monkeypatch, tmp_pat
         return 0.0
     monkeypatch.setattr(spd, "faithfulness_warmup", interrupted)
     s = spd.SPDModel(tiny(), "blocks.0.attn.q_proj", C=4, ci="vector", d_gate=4)
-    cfg = spd.Config(ci="vector", steps=5, faithfulness_warmup_steps=5)
+    cfg = config_for(s, steps=5, faithfulness_warmup_steps=5)
     ckpt = str(tmp_path / "c.pt")
     with pytest.raises(spd.SPDError, match="interrupted after step 0; saved .*--resume=true"):
         spd.train(s, cfg, lambda: torch.randint(0, 11, (2, 6)), log=lambda *a: None, checkpoint=ckpt)
@@ -327,10 +332,10 @@ def test_two_runs_on_one_checkpoint_at_once(tmp_path):
     ckpt = str(tmp_path / "c.pt")
     with spd._locked(ckpt):
         with pytest.raises(spd.SPDError, match="another run is using .*c.pt: wait for it, or pass another --out_dir"):
-            spd.train(s, spd.Config(ci="vector", steps=2), lambda: torch.randint(0, 11, (2, 6)),
+            spd.train(s, config_for(s, steps=2), lambda: torch.randint(0, 11, (2, 6)),
                       log=lambda *a: None, checkpoint=ckpt)
         assert os.path.exists(ckpt + ".lock")
-    spd.train(s, spd.Config(ci="vector", steps=2), lambda: torch.randint(0, 11, (2, 6)),
+    spd.train(s, config_for(s, steps=2), lambda: torch.randint(0, 11, (2, 6)),
               log=lambda *a: None, checkpoint=ckpt)                      # free again: it runs
     assert os.listdir(tmp_path) == ["c.pt.lock"]                         # finished: no checkpoint; the
     with spd._locked(ckpt):                                              # empty lock file is free again
@@ -340,7 +345,7 @@ def test_two_runs_on_one_checkpoint_at_once(tmp_path):
 def test_a_resumed_run_takes_the_lock_too(tmp_path):
     s = spd.SPDModel(tiny(), "blocks.0.attn.q_proj", C=4, ci="vector", d_gate=4)
     ckpt, batch = str(tmp_path / "c.pt"), lambda: torch.randint(0, 11, (2, 6))
-    cfg = spd.Config(ci="vector", steps=3, checkpoint_every=1)
+    cfg = config_for(s, steps=3, checkpoint_every=1)
     spd.train(s, cfg, batch, log=lambda *a: None, checkpoint=ckpt)       # (saved after step 2 of 3)
     with spd._locked(ckpt):
         with pytest.raises(spd.SPDError, match="another run is using"):
@@ -356,7 +361,7 @@ def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch):
         raise OSError(errno.ENOLCK, "No locks available")              # e.g. Lustre without flock
     monkeypatch.setattr(fcntl, "flock", no_locks)
     s = spd.SPDModel(tiny(), "blocks.0.attn.q_proj", C=4, ci="vector", d_gate=4)
-    spd.train(s, spd.Config(ci="vector", steps=2), lambda: torch.randint(0, 11, (2, 6)),
+    spd.train(s, config_for(s, steps=2), lambda: torch.randint(0, 11, (2, 6)),
               log=lambda *a: None, checkpoint=str(tmp_path / "c.pt"))
     assert os.listdir(tmp_path) == ["c.pt.lock"]
 
@@ -441,7 +446,7 @@ def test_train_compiles_under_the_deterministic_guard(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda f: f)
     s = spd.SPDModel(tiny(), "blocks.*.attn.*", C=4, ci="vector", d_gate=4)
     for compile in (True, False):
-        cfg = spd.Config(ci="vector", steps=2, compile=compile)
+        cfg = config_for(s, steps=2, compile=compile)
         spd.train(s, cfg, lambda: torch.randint(0, 11, (2, 6)), log=lambda *a: None)
     assert seen == [True, True, False, False] and not torch.are_deterministic_algorithms_enabled()
 
@@ -454,7 +459,7 @@ def test_a_failing_compile_is_one_line(monkeypatch):
         raise InductorError(RuntimeError("No working C++ compiler found\n(more lines)"), None)
     monkeypatch.setattr(torch, "compile", lambda f: broken)
     s = spd.SPDModel(tiny(), "blocks.*.attn.*", C=4, ci="vector", d_gate=4)
-    cfg = spd.Config(ci="vector", steps=2, compile=True)
+    cfg = config_for(s, steps=2, compile=True)
     with pytest.raises(spd.SPDError, match=r"torch.compile failed \(RuntimeError: No working C\+\+ "
                                            r"compiler found\); run with --compile=false$"):
         spd.train(s, cfg, lambda: torch.randint(0, 11, (2, 6)), log=lambda *a: None)
@@ -702,7 +707,7 @@ def test_short_run_lowers_loss_and_keeps_target(ci):
     m = tiny()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     s = spd.SPDModel(m, "blocks.*.attn.*", C=6, ci=ci, d_gate=4, max_seq_len=6)
-    cfg = spd.Config(ci=ci, steps=60, lr=1e-2, log_every=1000, beta_partial_recon=1,
+    cfg = config_for(s, steps=60, lr=1e-2, log_every=1000, beta_partial_recon=1,
                      beta_stochastic_partial_recon=1, beta_layerwise_recon=1, last_token_only=False)
     gen = torch.Generator().manual_seed(0)
     batch = lambda: torch.randint(0, 11, (8, 6), generator=gen)
@@ -883,9 +888,9 @@ def test_bad_api_input_is_a_one_line_error(tmp_path):
                          (dict(steps=0), "--steps=0 is out of range: it must be >= 1"),
                          (dict(optimizer="sgd"), "--optimizer=sgd is out of range: it must be one of adam, adamw")]:
         with pytest.raises(spd.SPDError, match=re.escape(message)):
-            spd.train(s, spd.Config(ci="vector", **bad), lambda: torch.randint(0, 11, (2, 6)), log=None)
+            spd.train(s, config_for(s, **bad), lambda: torch.randint(0, 11, (2, 6)), log=None)
     assert all(torch.equal(a, b) for a, b in zip(before, s.trainable_parameters()))
-    x, cfg = torch.randint(0, 11, (4, 6)), spd.Config(ci="vector", steps=2, log_every=1)
+    x, cfg = torch.randint(0, 11, (4, 6)), config_for(s, steps=2, log_every=1)
     pad = torch.ones(4, 6)
     pad[0, -1] = 0                                           # right padding: no final token to train
     for batch in [torch.zeros(0, 6, dtype=torch.long), x[0], (x, torch.ones(6)), (x, torch.ones(4)),
@@ -898,6 +903,18 @@ def test_bad_api_input_is_a_one_line_error(tmp_path):
             spd.train(s, cfg, lambda: x, log=lambda *a: None, **bad)
     with pytest.raises(spd.SPDError, match="at least one layer"):
         spd.random_layer_subset([])                            # (it would draw forever)
+    for bad, message in [(dict(resume="false"), "--resume='false' is a str, not bool"),   # (truthy)
+                         (dict(steps=2.0), "--steps=2.0 is a float, not int"),
+                         (dict(C=3), "--C=3 but the SPDModel was built with 2: build it from the "
+                                     "config, or set the config's C to 2"),
+                         (dict(ci_causal=False), "--ci_causal=False but the SPDModel was built with True")]:
+        with pytest.raises(spd.SPDError, match=re.escape(message)):
+            spd.train(s, dataclasses.replace(cfg, **bad), lambda: x, log=lambda *a: None)
+    wide = nn.Sequential(nn.Linear(4, 4)).double()           # U, V and γ take the target's dtype
+    s64 = spd.SPDModel(wide, "0", C=2, ci="attention", d_gate=2, max_seq_len=5)
+    assert all(p.dtype == torch.float64 for p in s64.trainable_parameters())
+    spd.train(s64, config_for(s64, steps=1, last_token_only=False), lambda: torch.randn(2, 5, 4,
+              dtype=torch.float64), log=lambda *a: None)
     with pytest.raises(spd.SPDError, match="unknown optimizer 'sgd'"):
         spd.make_optimizer(s, spd.Config(optimizer="sgd"))     # (called without train's check)
     spd.train(s, dataclasses.replace(cfg, device="cuda:7"), lambda: x, log=lambda *a: None)  # unread
@@ -928,7 +945,8 @@ def test_gpt2_random_skips_the_analyses(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(gpt2_facts, "GPT2Config",
                         lambda **kw: GPT2Config(**kw, n_layer=1, n_embd=16, n_head=2, n_positions=32))
     res = gpt2_facts.main(["--model=gpt2-random", "--preset=tiny", "--steps=2", "--C=4", "--d_gate=2",
-                           "--save=false", "--threads=1", f"--out_dir={tmp_path}"])
+                           "--save=false", "--threads=1", f"--out_dir={tmp_path}",
+                           "--ci_causal=false"])             # (reaches the SPDModel: train checks)
     printed = capsys.readouterr().out
     assert "the analyses would measure nothing, so they are skipped" in printed
     assert "no matplotlib" not in printed and "zero_mlp" not in res
@@ -1811,7 +1829,7 @@ def test_resume_is_exact_and_checked(tmp_path):
     """Interrupt at step 7 (SIGINT from inside), resume: bit-identical to an unbroken run."""
     import signal
     path = str(tmp_path / "ckpt.pt")
-    cfg = spd.Config(ci="attention", steps=15, lr=1e-2, log_every=5, checkpoint_every=4,
+    cfg = spd.Config(C=6, ci="attention", d_gate=4, steps=15, lr=1e-2, log_every=5, checkpoint_every=4,
                      beta_stochastic_partial_recon=1, last_token_only=False)
 
     def run(cfg, interrupt_at=None):
@@ -1893,3 +1911,43 @@ def test_a_save_that_dies_midway_leaves_the_old_file_whole(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         spd.save(s, str(tmp_path / "s.pt"))
     assert (tmp_path / "s.pt").read_bytes() == before
+
+
+class MLP(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc, self.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class TinyMLP(Tiny):
+    """Tiny with an MLP in each block: the module names of the README's API example."""
+
+    def __init__(self):
+        super().__init__()
+        for b in self.blocks:
+            b.mlp = MLP(8)
+
+    def forward(self, t):
+        x, p = self.embed(t), self.pos[: t.shape[1]]
+        for b in self.blocks:
+            x = x + b.attn(x, p)
+            x = x + b.mlp(x)
+        return self.unembed(x)
+
+
+def test_readme_api_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's "Using spd.py on your own model" block, only its step count and batch cut."""
+    text = pathlib.Path(HERE, "README.md").read_text()
+    code = text.split("Using `spd.py` on your own model:")[1].split("```python\n")[1].split("```")[0]
+    assert "steps=10_000, batch_size=64" in code
+    code = code.replace("steps=10_000, batch_size=64", "steps=2, batch_size=4, log_every=1")
+    torch.manual_seed(0)
+    env = {"model": TinyMLP(), "next_batch": lambda: torch.randint(0, 11, (4, 6)),
+           "tokens": torch.randint(0, 11, (3, 6))}
+    monkeypatch.chdir(tmp_path)
+    exec(code, env)
+    assert env["g"]["blocks.0.mlp.fc"].shape == (3, 6, 100) and env["saved"]["steps"] == 2
+    assert isinstance(env["edited"], TinyMLP) and (tmp_path / "spd.pt").exists()

@@ -246,30 +246,34 @@ def train_target(steps=3000, batch_size=256, lr=1e-2, weight_decay=0.01, warmup=
         gen.set_state(ckpt["generator"])
         first = ckpt["step"] + 1
         log(f"continuing {save_path} from step {first}")
-    t0 = time.time()
-    for step in range(first, steps + 1):
-        # 1) lr: linear warmup, then constant
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, step / max(1, warmup))
-        # 2) forward and loss on the final token only
-        tokens, s1 = make_batch(batch_size, cfg["max_seq_len"], cfg["vocab_size"], gen, device)
-        logits = model(tokens, final_only=True)  # (B,V)
-        loss = F.cross_entropy(logits, m_tokens(tokens, s1))
-        # 3) backward and step
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        # 4) log, save and early stop on held-out accuracy
-        if step % eval_every == 0 or step == steps:
-            acc = evaluate_target(model, n=2048, seed=EVAL_SEED + 1)
-            mech = mechanism_check(model, n=256)
-            log(f"step {step:6d} | loss {loss.item():.2e} | held-out acc {acc:.4f} | "
-                f"m->s1 {mech['l0_m_to_s1']:.3f} | {time.time() - t0:6.1f}s")
-            if save_path:
-                save_target(model, save_path, step=step, optimizer=opt.state_dict(),
-                            generator=gen.get_state(), recipe=recipe)
-            if target_acc is not None and acc >= target_acc:
-                break
+    t0, stop = time.time(), []
+    with spd._on_interrupt(lambda: stop.append(True)):    # Ctrl-C: save this step, then stop
+        for step in range(first, steps + 1):
+            # 1) lr: linear warmup, then constant
+            for group in opt.param_groups:
+                group["lr"] = lr * min(1.0, step / max(1, warmup))
+            # 2) forward and loss on the final token only
+            tokens, s1 = make_batch(batch_size, cfg["max_seq_len"], cfg["vocab_size"], gen, device)
+            logits = model(tokens, final_only=True)  # (B,V)
+            loss = F.cross_entropy(logits, m_tokens(tokens, s1))
+            # 3) backward and step
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            # 4) log, save and early stop on held-out accuracy
+            if step % eval_every == 0 or step == steps or stop:
+                acc = evaluate_target(model, n=2048, seed=EVAL_SEED + 1)
+                mech = mechanism_check(model, n=256)
+                log(f"step {step:6d} | loss {loss.item():.2e} | held-out acc {acc:.4f} | "
+                    f"m->s1 {mech['l0_m_to_s1']:.3f} | {time.time() - t0:6.1f}s")
+                if save_path:
+                    save_target(model, save_path, step=step, optimizer=opt.state_dict(),
+                                generator=gen.get_state(), recipe=recipe)
+                if target_acc is not None and acc >= target_acc:
+                    break
+            if stop:
+                raise spd.SPDError(f"interrupted after step {step}" + (
+                    f"; saved {save_path}: the same command continues it" if save_path else ""))
     if target_acc is not None and acc < target_acc:
         log(f"warning: held-out accuracy {acc:.4f} < {target_acc} after {steps} steps")
     if save_path:                                             # finished: no optimizer state

@@ -1951,3 +1951,23 @@ def test_readme_api_example_runs_as_written(tmp_path, monkeypatch):
     exec(code, env)
     assert env["g"]["blocks.0.mlp.fc"].shape == (3, 6, 100) and env["saved"]["steps"] == 2
     assert isinstance(env["edited"], TinyMLP) and (tmp_path / "spd.pt").exists()
+
+
+def test_ctrl_c_while_training_a_target_saves_it_and_the_same_call_continues(tmp_path, monkeypatch):
+    import signal
+    make_batch, calls = induction.make_batch, []
+
+    def batch(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)              # Ctrl-C during step 3
+        return make_batch(*a, **kw)
+    monkeypatch.setattr(induction, "make_batch", batch)
+    path, kw = str(tmp_path / "t.pt"), dict(steps=5, batch_size=8, eval_every=100, target_acc=None)
+    with pytest.raises(spd.SPDError, match=r"interrupted after step 3; saved .*t.pt: the same command continues it"):
+        induction.train_target(save_path=path, log=lambda *a: None, **kw)
+    saved = induction.read_target(path)[1]
+    assert saved["step"] == 3 and "optimizer" in saved
+    printed = []
+    induction.train_target(save_path=path, log=printed.append, **kw)
+    assert printed[0].endswith("from step 4") and induction.read_target(path)[1]["step"] == 5

@@ -13,6 +13,7 @@ sequence models. Read it beside the paper; each section cites the equation it im
   6. Training step and loop                                                      Alg. 3
   7. Save / load
   8. Measures                  causal importances, L0
+  9. Plumbing (not the method) configs from the command line, checks, locks, atomic files
 
 Dimensions: B batch, S sequence, C subcomponents per matrix, d_in/d_out a layer's input/output
 width, H = D_gate the hidden width of each γ_c MLP, K the number of mask sets stacked along the
@@ -579,65 +580,6 @@ class Config:
     RUN_ONLY: ClassVar = {"resume", "log_every", "checkpoint_every", "device"}  # may change on resume
 
 
-def apply_overrides(cfg, args):
-    """Apply '--key=value' strings to a dataclass config; unknown keys and bad values are errors."""
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    for arg in args:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq:
-            raise SPDError(f"bad argument {arg!r}: use --key=value")
-        if key not in fields:
-            raise SPDError(f"unknown config key {key!r}; known: {', '.join(fields)}")
-        value = os.path.expanduser(value)             # a leading ~ (no shell expands it after =)
-        kind = type(getattr(cfg, key))
-        try:
-            if kind is bool:
-                value = {"true": True, "1": True, "false": False, "0": False}[value.lower()]
-            elif kind is int and "e" in value.lower() and float(value).is_integer():
-                value = float(value)                  # 1e4 is an int; 1.5e0 and 1e400 are not
-            setattr(cfg, key, kind(value))
-        except (KeyError, ValueError):
-            need = "true or false" if kind is bool else f"{'an' if kind is int else 'a'} {kind.__name__}"
-            raise SPDError(f"--{key} needs {need}, got {value!r}") from None
-    return cfg
-
-
-_at_least = lambda lo: (lambda v: v >= lo, f">= {lo}")
-_one_of = lambda *names: (lambda v: v in names, "one of " + ", ".join(names))
-_POSITIVE = (lambda v: 0 < v < math.inf, "> 0 and finite")
-_NONNEGATIVE = (lambda v: 0 <= v < math.inf, ">= 0 and finite")
-CONFIG_RULES = {  # field -> (allowed?, what is allowed) for every non-bool field of Config
-    "C": _at_least(1), "ci": _one_of("scalar", "vector", "attention"), "d_gate": _at_least(1),
-    "n_mask_samples": _at_least(1),
-    **{f.name: _NONNEGATIVE for f in dataclasses.fields(Config) if f.name.startswith("beta_")},
-    "minimality_decay_from": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
-    "p_start": (lambda v: 0 < v <= 2, "in (0, 2]"), "p_final": (lambda v: 0 < v <= 2, "in (0, 2]"),
-    "steps": _at_least(1), "batch_size": _at_least(1), "optimizer": _one_of("adam", "adamw"),
-    "lr": _POSITIVE, "weight_decay": _NONNEGATIVE, "lr_schedule": _one_of("constant", "cosine"),
-    "lr_warmup": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
-    "faithfulness_warmup_steps": _at_least(0), "faithfulness_warmup_lr": _POSITIVE,
-    "seed": (lambda v: 0 <= v < 2**63, ">= 0 and < 2**63"), "log_every": _at_least(1),
-    "checkpoint_every": _at_least(0), "device": (lambda v: v in ("cpu", "cuda", "auto") or
-        v.startswith("cuda:") and v[5:].isascii() and v[5:].isdigit(), "cpu, cuda, cuda:N or auto"),
-}
-
-
-def check_config(cfg, rules=CONFIG_RULES):
-    """One-line SPDError: a field not of its default's type, or out of its range; no such CUDA device."""
-    for f in dataclasses.fields(cfg):
-        v, kind = getattr(cfg, f.name), type(f.default)        # (an int is a fine float: lr=1)
-        ok = (isinstance(v, (int, float) if kind is float else kind)
-              and isinstance(v, bool) == (kind is bool))
-        if f.default is not dataclasses.MISSING and not ok:
-            raise SPDError(f"--{f.name}={v!r} is a {type(v).__name__}, not {kind.__name__}")
-    for name, (ok, allowed) in rules.items():
-        if not ok(getattr(cfg, name)):
-            raise SPDError(f"--{name}={getattr(cfg, name)} is out of range: it must be {allowed}")
-    if cfg.device.startswith("cuda") and int(cfg.device[5:] or 0) >= torch.cuda.device_count():
-        raise SPDError(f"--device={cfg.device} but there is no such CUDA device; use --device=cpu")
-    return cfg
-
-
 def minimality_p(cfg, step):
     """p annealed linearly from p_start to p_final over the run. With step a 0-dim tensor, p is
     one too, so a compiled training_step is compiled once, not once per value of p."""
@@ -774,93 +716,6 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
     return history
 
 
-def _check_batch(x, weight, last_token_only, values):
-    """x (B, S, ...), B and S >= 1; weight (B, S), and if values (the first step: reading them waits
-    for a GPU) >= 0, not all 0, and > 0 at the final positions if only they are trained."""
-    bad = not torch.is_tensor(x) or x.dim() < 2 or 0 in x.shape[:2] or weight is not None and (
-        not torch.is_tensor(weight) or weight.shape != x.shape[:2] or values and not (
-            (weight >= 0).all() and weight.sum() > 0 and (not last_token_only or weight[:, -1].all())))
-    if bad:
-        shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
-        raise SPDError(f"next_batch() gave x {shape(x)}, weight {shape(weight)}; it must give tokens "
-                       f"(B, S), B, S >= 1, or (tokens, weight (B, S) >= 0, not all 0; > 0 at the "
-                       f"final positions with last_token_only: pad on the left)")
-
-
-def _compiled_step():
-    """training_step through torch.compile, with step as a tensor (one graph for every step);
-    inductor's failures (e.g. no C++ compiler) end in one line."""
-    from torch._inductor.exc import InductorError
-    compiled = torch.compile(training_step)
-
-    def run(spd, x, cfg, step, weight=None):
-        try:
-            return compiled(spd, x, cfg, torch.tensor(step), weight)
-        except InductorError as e:                             # "InvalidCxxCompiler: ..."
-            raise SPDError(f"torch.compile failed ({str(e).splitlines()[0][:150]}); "
-                           f"run with --compile=false") from e
-    return run
-
-
-@contextlib.contextmanager
-def _deterministic(on):
-    """Inside, deterministic algorithms (warn_only unless already strict) if on: else inductor's CPU
-    kernels sum the CI's relative-bias gradient with atomic adds, and compiled runs differ (README)."""
-    was = (torch.are_deterministic_algorithms_enabled(),
-           torch.is_deterministic_algorithms_warn_only_enabled())
-    if on and not was[0]:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
-
-
-@contextlib.contextmanager
-def _locked(checkpoint):
-    """Inside, an exclusive flock on <checkpoint>.lock (the OS frees it however the process ends; the
-    empty file stays, as removing it would let two runs lock two files of one name)."""
-    if not checkpoint or os.name == "nt":                      # (Windows has no fcntl: no lock)
-        yield
-        return
-    import fcntl
-    make_dir(os.path.dirname(checkpoint), "the checkpoint")
-    with open(f"{checkpoint}.lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SPDError(f"another run is using {checkpoint}: wait for it, or pass another "
-                           f"--out_dir") from None
-        except OSError:                                        # a file system without locks: none
-            pass
-        yield
-
-
-@contextlib.contextmanager
-def _on_interrupt(handler):
-    """Inside, Ctrl-C (SIGINT) calls handler() instead of raising, so a step is never cut in
-    half (in the main thread; other threads cannot handle signals and leave it alone)."""
-    import signal
-    import threading
-    main = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGINT, lambda *_: handler()) if main else None
-    try:
-        yield
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, old)
-
-
-def keep_freed_memory():
-    """glibc keeps freed memory (mmap threshold 32 MB, the most glibc < 2.35 takes; trim threshold
-    1 GB), so new tensors are not page-faulted in afresh (README, speed); process-wide. True if set."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")           # mallopt: -3 M_MMAP_THRESHOLD, -1 M_TRIM_THRESHOLD
-        return bool(libc.mallopt(-3, 32 << 20) and libc.mallopt(-1, 1 << 30))
-    except (OSError, AttributeError):                          # not glibc: macOS, Windows, musl
-        return False
-
-
 # -----------------------------------------------------------------------------
 # 7. Save / load
 
@@ -871,51 +726,6 @@ def target_identity(spd):
 
 
 FORMAT = 2  # version of the files written below (2: a scalar/vector CI lost .gamma.; 1 is renamed)
-
-
-def make_dir(path, what):
-    """os.makedirs(path), or a one-line SPDError if it cannot be made or written into."""
-    try:
-        os.makedirs(path or ".", exist_ok=True)
-    except OSError as e:
-        raise SPDError(f"cannot make the folder {path or '.'!r} for {what} ({e.strerror})") from None
-    if not os.access(path or ".", os.W_OK):
-        raise SPDError(f"cannot write into the folder {path or '.'!r} for {what}")
-
-
-def atomic_write(path, obj):
-    """Write obj to a temporary file in the same folder (same extension), then os.replace it onto
-    path, so a run killed while writing leaves the previous file whole. obj: a function that
-    writes a file of the name it is given (fig.savefig, lambda f: torch.save(x, f)), or what
-    json.dumps takes (written as JSON)."""
-    make_dir(os.path.dirname(path), path)
-    if os.path.isdir(path):
-        raise SPDError(f"{path} is a folder: give a file name")
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{ext}"
-    if callable(obj):
-        obj(tmp)
-    else:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def read_file(path, what, fix, keys=()):
-    """torch.load(path) (tensors only), or a one-line SPDError naming the file, the fault and
-    the fix: missing, unreadable (truncated, garbage) or lacking `keys`."""
-    if not os.path.exists(path):
-        raise SPDError(f"{path}: no {what} there; {fix}")
-    try:
-        ckpt = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:
-        raise SPDError(f"{path} is not a readable {what} ({type(e).__name__}); {fix}") from None
-    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise SPDError(f"{path} is no {what}: it has no {missing[0]!r}; {fix}")
-    if isinstance(ckpt, dict) and ckpt.get("format", FORMAT) not in (1, FORMAT):
-        raise SPDError(f"{path} has format {ckpt['format']}, this code reads {FORMAT}; {fix}")
-    return ckpt
 
 
 def _restore(spd, path, ckpt):
@@ -1004,3 +814,197 @@ def causal_importances(spd, x):
 def mean_l0(g, weight=None, threshold=0.0):
     """{layer: mean number of subcomponents with g > threshold per position}."""
     return {n: _average((v > threshold).float().sum(-1), weight) for n, v in g.items()}
+
+
+# -----------------------------------------------------------------------------
+# 9. Plumbing: configs from the command line and their checks, a step's guards, files and locks
+
+def apply_overrides(cfg, args):
+    """Apply '--key=value' strings to a dataclass config; unknown keys and bad values are errors."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for arg in args:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq:
+            raise SPDError(f"bad argument {arg!r}: use --key=value")
+        if key not in fields:
+            raise SPDError(f"unknown config key {key!r}; known: {', '.join(fields)}")
+        value = os.path.expanduser(value)             # a leading ~ (no shell expands it after =)
+        kind = type(getattr(cfg, key))
+        try:
+            if kind is bool:
+                value = {"true": True, "1": True, "false": False, "0": False}[value.lower()]
+            elif kind is int and "e" in value.lower() and float(value).is_integer():
+                value = float(value)                  # 1e4 is an int; 1.5e0 and 1e400 are not
+            setattr(cfg, key, kind(value))
+        except (KeyError, ValueError):
+            need = "true or false" if kind is bool else f"{'an' if kind is int else 'a'} {kind.__name__}"
+            raise SPDError(f"--{key} needs {need}, got {value!r}") from None
+    return cfg
+
+
+_at_least = lambda lo: (lambda v: v >= lo, f">= {lo}")
+_one_of = lambda *names: (lambda v: v in names, "one of " + ", ".join(names))
+_POSITIVE = (lambda v: 0 < v < math.inf, "> 0 and finite")
+_NONNEGATIVE = (lambda v: 0 <= v < math.inf, ">= 0 and finite")
+CONFIG_RULES = {  # field -> (allowed?, what is allowed) for every non-bool field of Config
+    "C": _at_least(1), "ci": _one_of("scalar", "vector", "attention"), "d_gate": _at_least(1),
+    "n_mask_samples": _at_least(1),
+    **{f.name: _NONNEGATIVE for f in dataclasses.fields(Config) if f.name.startswith("beta_")},
+    "minimality_decay_from": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    "p_start": (lambda v: 0 < v <= 2, "in (0, 2]"), "p_final": (lambda v: 0 < v <= 2, "in (0, 2]"),
+    "steps": _at_least(1), "batch_size": _at_least(1), "optimizer": _one_of("adam", "adamw"),
+    "lr": _POSITIVE, "weight_decay": _NONNEGATIVE, "lr_schedule": _one_of("constant", "cosine"),
+    "lr_warmup": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    "faithfulness_warmup_steps": _at_least(0), "faithfulness_warmup_lr": _POSITIVE,
+    "seed": (lambda v: 0 <= v < 2**63, ">= 0 and < 2**63"), "log_every": _at_least(1),
+    "checkpoint_every": _at_least(0), "device": (lambda v: v in ("cpu", "cuda", "auto") or
+        v.startswith("cuda:") and v[5:].isascii() and v[5:].isdigit(), "cpu, cuda, cuda:N or auto"),
+}
+
+
+def check_config(cfg, rules=CONFIG_RULES):
+    """One-line SPDError: a field not of its default's type, or out of its range; no such CUDA device."""
+    for f in dataclasses.fields(cfg):
+        v, kind = getattr(cfg, f.name), type(f.default)        # (an int is a fine float: lr=1)
+        ok = (isinstance(v, (int, float) if kind is float else kind)
+              and isinstance(v, bool) == (kind is bool))
+        if f.default is not dataclasses.MISSING and not ok:
+            raise SPDError(f"--{f.name}={v!r} is a {type(v).__name__}, not {kind.__name__}")
+    for name, (ok, allowed) in rules.items():
+        if not ok(getattr(cfg, name)):
+            raise SPDError(f"--{name}={getattr(cfg, name)} is out of range: it must be {allowed}")
+    if cfg.device.startswith("cuda") and int(cfg.device[5:] or 0) >= torch.cuda.device_count():
+        raise SPDError(f"--device={cfg.device} but there is no such CUDA device; use --device=cpu")
+    return cfg
+
+
+def _check_batch(x, weight, last_token_only, values):
+    """x (B, S, ...), B and S >= 1; weight (B, S), and if values (the first step: reading them waits
+    for a GPU) >= 0, not all 0, and > 0 at the final positions if only they are trained."""
+    bad = not torch.is_tensor(x) or x.dim() < 2 or 0 in x.shape[:2] or weight is not None and (
+        not torch.is_tensor(weight) or weight.shape != x.shape[:2] or values and not (
+            (weight >= 0).all() and weight.sum() > 0 and (not last_token_only or weight[:, -1].all())))
+    if bad:
+        shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+        raise SPDError(f"next_batch() gave x {shape(x)}, weight {shape(weight)}; it must give tokens "
+                       f"(B, S), B, S >= 1, or (tokens, weight (B, S) >= 0, not all 0; > 0 at the "
+                       f"final positions with last_token_only: pad on the left)")
+
+
+def _compiled_step():
+    """training_step through torch.compile, with step as a tensor (one graph for every step);
+    inductor's failures (e.g. no C++ compiler) end in one line."""
+    from torch._inductor.exc import InductorError
+    compiled = torch.compile(training_step)
+
+    def run(spd, x, cfg, step, weight=None):
+        try:
+            return compiled(spd, x, cfg, torch.tensor(step), weight)
+        except InductorError as e:                             # "InvalidCxxCompiler: ..."
+            raise SPDError(f"torch.compile failed ({str(e).splitlines()[0][:150]}); "
+                           f"run with --compile=false") from e
+    return run
+
+
+@contextlib.contextmanager
+def _deterministic(on):
+    """Inside, deterministic algorithms (warn_only unless already strict) if on: else inductor's CPU
+    kernels sum the CI's relative-bias gradient with atomic adds, and compiled runs differ (README)."""
+    was = (torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled())
+    if on and not was[0]:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+
+@contextlib.contextmanager
+def _locked(checkpoint):
+    """Inside, an exclusive flock on <checkpoint>.lock (the OS frees it however the process ends; the
+    empty file stays, as removing it would let two runs lock two files of one name)."""
+    if not checkpoint or os.name == "nt":                      # (Windows has no fcntl: no lock)
+        yield
+        return
+    import fcntl
+    make_dir(os.path.dirname(checkpoint), "the checkpoint")
+    with open(f"{checkpoint}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SPDError(f"another run is using {checkpoint}: wait for it, or pass another "
+                           f"--out_dir") from None
+        except OSError:                                        # a file system without locks: none
+            pass
+        yield
+
+
+@contextlib.contextmanager
+def _on_interrupt(handler):
+    """Inside, Ctrl-C (SIGINT) calls handler() instead of raising, so a step is never cut in
+    half (in the main thread; other threads cannot handle signals and leave it alone)."""
+    import signal
+    import threading
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, lambda *_: handler()) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, old)
+
+
+def keep_freed_memory():
+    """glibc keeps freed memory (mmap threshold 32 MB, the most glibc < 2.35 takes; trim threshold
+    1 GB), so new tensors are not page-faulted in afresh (README, speed); process-wide. True if set."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")           # mallopt: -3 M_MMAP_THRESHOLD, -1 M_TRIM_THRESHOLD
+        return bool(libc.mallopt(-3, 32 << 20) and libc.mallopt(-1, 1 << 30))
+    except (OSError, AttributeError):                          # not glibc: macOS, Windows, musl
+        return False
+
+
+def make_dir(path, what):
+    """os.makedirs(path), or a one-line SPDError if it cannot be made or written into."""
+    try:
+        os.makedirs(path or ".", exist_ok=True)
+    except OSError as e:
+        raise SPDError(f"cannot make the folder {path or '.'!r} for {what} ({e.strerror})") from None
+    if not os.access(path or ".", os.W_OK):
+        raise SPDError(f"cannot write into the folder {path or '.'!r} for {what}")
+
+
+def atomic_write(path, obj):
+    """Write obj to a temporary file in the same folder (same extension), then os.replace it onto
+    path, so a run killed while writing leaves the previous file whole. obj: a function that
+    writes a file of the name it is given (fig.savefig, lambda f: torch.save(x, f)), or what
+    json.dumps takes (written as JSON)."""
+    make_dir(os.path.dirname(path), path)
+    if os.path.isdir(path):
+        raise SPDError(f"{path} is a folder: give a file name")
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"
+    if callable(obj):
+        obj(tmp)
+    else:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def read_file(path, what, fix, keys=()):
+    """torch.load(path) (tensors only), or a one-line SPDError naming the file, the fault and
+    the fix: missing, unreadable (truncated, garbage) or lacking `keys`."""
+    if not os.path.exists(path):
+        raise SPDError(f"{path}: no {what} there; {fix}")
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise SPDError(f"{path} is not a readable {what} ({type(e).__name__}); {fix}") from None
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise SPDError(f"{path} is no {what}: it has no {missing[0]!r}; {fix}")
+    if isinstance(ckpt, dict) and ckpt.get("format", FORMAT) not in (1, FORMAT):
+        raise SPDError(f"{path} has format {ckpt['format']}, this code reads {FORMAT}; {fix}")
+    return ckpt

@@ -107,8 +107,11 @@ def match_modules(model, patterns):
         patterns = [p for p in patterns.split(",") if p]
     if not patterns:
         raise SPDError("no module patterns: name the layers to decompose, e.g. 'blocks.*.attn.q_proj'")
-    decomposable = [n for n, m in model.named_modules()
-                    if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    torch_own = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    read_only = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, torch_own)
+                 for c, _ in m.named_children()}              # (they read their Linears' weights)
+    decomposable = [n for n, m in model.named_modules() if n not in read_only
+                    and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")]
     names = []
     for p in patterns:
         hits = [n for n, _ in model.named_modules() if n and fnmatch.fnmatchcase(n, p)]
@@ -118,8 +121,9 @@ def match_modules(model, patterns):
         bad = [n for n in hits if n not in decomposable]
         if bad:
             raise SPDError(f"pattern {p!r} matches {bad[0]!r}, a "
-                           f"{type(model.get_submodule(bad[0])).__name__}, which cannot be "
-                           f"decomposed (only Linear/Conv1D); it matched {_short(hits)}")
+                           f"{type(model.get_submodule(bad[0])).__name__}, which cannot be decomposed "
+                           f"(only Linear/Conv1D that the model calls; torch's own attention and "
+                           f"Transformer layers read their weights); it matched {_short(hits)}")
         names += [n for n in hits if n not in names]
     return names
 

@@ -858,6 +858,11 @@ def test_bad_patterns_are_one_line_errors():
     assert "\n" not in str(e.value)
     with pytest.raises(spd.SPDError, match="cannot be decomposed"):
         spd.SPDModel(m, "blocks.*.attn", C=2)
+    torch_layer = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
+    for p in ["0.self_attn.out_proj", "0.linear1"]:        # (an AttributeError on .weight deep inside)
+        with pytest.raises(spd.SPDError, match=rf"matches '{p}', a \w+, which cannot be decomposed "
+                                               r"\(only Linear/Conv1D that the model calls; torch's own"):
+            spd.SPDModel(torch_layer, p, C=2)
     for empty in ["", ",", []]:       # no layers: the partial losses' subset draw would never end
         with pytest.raises(spd.SPDError, match="no module patterns"):
             spd.SPDModel(m, empty, C=2)

@@ -682,6 +682,10 @@ def run(cfg):
 
     # 1) the target, and a check that it predicts both facts
     model, tokenizer = load_model(cfg.model, cfg.device, cfg.tiny_path)
+    edit_layers = spd.match_modules(model, cfg.edit_patterns)      # (bad patterns: before any work)
+    missing = [n for n in edit_layers if n not in spd.match_modules(model, cfg.patterns)]
+    if missing:
+        raise spd.SPDError(f"--edit_patterns names {missing[0]!r}, which --patterns does not decompose")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {cfg.model}: GPT2LMHeadModel, {n_params:,} parameters, "
           f"{model.config.n_layer} layers, d_model {model.config.n_embd}, device {device}, "
@@ -707,10 +711,6 @@ def run(cfg):
         res["zero_mlp"] = report_zero_mlp(model, tokenizer)    # Figure 9, before any SPD
 
     # 2) the decomposition (Algorithm 3, A.3.1): batch = both facts, loss on every valid token
-    edit_layers = spd.match_modules(model, cfg.edit_patterns)
-    missing = [n for n in edit_layers if n not in spd.match_modules(model, cfg.patterns)]
-    if missing:
-        raise spd.SPDError(f"--edit_patterns names {missing[0]!r}, which --patterns does not decompose")
     torch.manual_seed(cfg.seed)  # the same start whether the tiny target was trained or loaded
     with device:  # U, V and the CI MLPs are created on the device (3.3 B numbers for the paper preset)
         s = spd.SPDModel(model, cfg.patterns, C=cfg.C, ci=cfg.ci, d_gate=cfg.d_gate,

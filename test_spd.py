@@ -1976,3 +1976,17 @@ def test_ctrl_c_while_training_a_target_saves_it_and_the_same_call_continues(tmp
     printed = []
     induction.train_target(save_path=path, log=printed.append, **kw)
     assert printed[0].endswith("from step 4") and induction.read_target(path)[1]["step"] == 5
+
+
+def test_facts_bad_patterns_fail_before_any_work(tmp_path, monkeypatch, capsys):
+    """A --patterns or --edit_patterns that names no layer fails as soon as the model is there,
+    not after Figure 9 (the tiny model's ~40 s of training come before, and are cached)."""
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32, vocab_size=50))
+    monkeypatch.setattr(gpt2_facts, "load_model", lambda *a: (model, None))
+    for bad in [["--patterns=nothing.*"], ["--patterns=transformer.h.0.mlp.c_*",
+                                             "--edit_patterns=transformer.h.0.attn.c_attn"]]:
+        with pytest.raises(SystemExit) as e:
+            gpt2_facts.main(["--model=tiny", *bad, f"--out_dir={tmp_path}", "--threads=1"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and ("matches no module" in err[0] or
+                                                        "which --patterns does not decompose" in err[0]), err

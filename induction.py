@@ -217,7 +217,7 @@ def train_target(steps=3000, batch_size=256, lr=1e-2, weight_decay=0.01, warmup=
     Linear warmup to lr, then constant. Every eval_every steps the accuracy on a fixed
     held-out batch is checked; training stops once it reaches target_acc (None: never, run all
     steps as Table 3 does). save_path: also save the model, optimizer and data-generator state
-    there at every check (atomically); if that file holds an unfinished run, continue it.
+    there at every check and on Ctrl-C (atomically); if that file holds an unfinished run, continue it.
     num_threads: call torch.set_num_threads(num_threads) first (None: leave torch's default).
     """
     if num_threads is not None:
@@ -271,9 +271,10 @@ def train_target(steps=3000, batch_size=256, lr=1e-2, weight_decay=0.01, warmup=
                                 generator=gen.get_state(), recipe=recipe)
                 if target_acc is not None and acc >= target_acc:
                     break
-            if stop:
-                raise spd.SPDError(f"interrupted after step {step}" + (
-                    f"; saved {save_path}: the same command continues it" if save_path else ""))
+            if stop and step < steps:                         # (at the last step: finish)
+                raise spd.SPDError(f"interrupted after step {step}; " + (
+                    f"saved {save_path}: the same command continues it" if save_path else
+                    "nothing saved: run again to start again"))
     if target_acc is not None and acc < target_acc:
         log(f"warning: held-out accuracy {acc:.4f} < {target_acc} after {steps} steps")
     if save_path:                                             # finished: no optimizer state

@@ -13,7 +13,7 @@ sequence models. Read it beside the paper; each section cites the equation it im
   6. Training step and loop                                                      Alg. 3
   7. Save / load
   8. Measures                  causal importances, L0
-  9. Plumbing (not the method) configs from the command line, checks, locks, atomic files
+  9. Plumbing (not the method): command-line configs, checks, locks, atomic files
 
 Dimensions: B batch, S sequence, C subcomponents per matrix, d_in/d_out a layer's input/output
 width, H = D_gate the hidden width of each γ_c MLP, K the number of mask sets stacked along the
@@ -31,6 +31,7 @@ import fnmatch
 import hashlib
 import json
 import math
+import numbers
 import os
 import time
 from typing import ClassVar
@@ -666,7 +667,7 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
     built = {k: spd.spec[k.replace("ci_", "")] for k in ("C", "ci", "d_gate", "ci_causal")}
     for k in [k for k, v in built.items() if getattr(cfg, k) != v][:1]:  # (else the saved config lies)
         raise SPDError(f"--{k}={getattr(cfg, k)} but the SPDModel was built with {built[k]}: build "
-                       f"it from the config, or set the config's {k} to {built[k]}")
+                       f"it with the config's C, ci, d_gate and causal=ci_causal, or set {k}={built[k]}")
     if (data_rng is not None and not isinstance(data_rng, torch.Generator)
             or checkpoint and os.path.isdir(checkpoint)):
         raise SPDError("checkpoint must be a file's path and data_rng a torch.Generator (or None)")
@@ -790,6 +791,10 @@ def load_checkpoint(path, spd, opt, cfg, data_rng=None):
     if not path or not os.path.exists(path):
         raise SPDError(f"no checkpoint to resume at {path}; run without --resume=true")
     ckpt = read_file(path, "checkpoint", fix, keys=("step", "config", "optimizer", "state", "rng"))
+    built = [k for k in ckpt["spec"] if ckpt["spec"][k] != spd.spec.get(k)]   # (C, CI, layers, ...)
+    if built:
+        raise SPDError(f"{path} was made by an SPDModel with {built[0]}={ckpt['spec'].get(built[0])}, "
+                       f"not {spd.spec[built[0]]}: build it as then, or {fix}")
     now = _plain(dataclasses.asdict(cfg))
     diff = [k for k in now if k not in cfg.RUN_ONLY and ckpt["config"].get(k) != now[k]]
     if diff:
@@ -833,7 +838,7 @@ def apply_overrides(cfg, args):
         if key not in fields:
             raise SPDError(f"unknown config key {key!r}; known: {', '.join(fields)}")
         value = os.path.expanduser(value)             # a leading ~ (no shell expands it after =)
-        kind = type(getattr(cfg, key))
+        kind = _kind(cfg, key) or type(getattr(cfg, key))
         try:
             if kind is bool:
                 value = {"true": True, "1": True, "false": False, "0": False}[value.lower()]
@@ -866,14 +871,25 @@ CONFIG_RULES = {  # field -> (allowed?, what is allowed) for every non-bool fiel
 }
 
 
+_KINDS = {bool: bool, int: numbers.Integral, float: numbers.Real, str: str}  # kind -> values it takes
+
+
+def _kind(cfg, key):
+    """bool, int, float or str: a field's annotation, else its default's type (None: not checked)."""
+    f = cfg.__dataclass_fields__[key]
+    return next((k for k in (f.type, type(f.default)) if k in _KINDS), None)
+
+
 def check_config(cfg, rules=CONFIG_RULES):
-    """One-line SPDError: a field not of its default's type, or out of its range; no such CUDA device."""
+    """One-line SPDError: a field not of its kind (numpy's numbers are; an int is a float, lr=1, but
+    a bool is no int), or out of its range; no such CUDA device."""
     for f in dataclasses.fields(cfg):
-        v, kind = getattr(cfg, f.name), type(f.default)        # (an int is a fine float: lr=1)
-        ok = (isinstance(v, (int, float) if kind is float else kind)
-              and isinstance(v, bool) == (kind is bool))
-        if f.default is not dataclasses.MISSING and not ok:
-            raise SPDError(f"--{f.name}={v!r} is a {type(v).__name__}, not {kind.__name__}")
+        v, kind = getattr(cfg, f.name), _kind(cfg, f.name)
+        if kind and not (isinstance(v, _KINDS[kind]) and isinstance(v, bool) == (kind is bool)):
+            full = lambda t: t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__name__}"
+            a = lambda t: ("an " if full(t)[0] in "aeiou" else "a ") + full(t)
+            raise SPDError(f"--{f.name}={repr(v).splitlines()[0][:40]} is {a(type(v))}; it must be "
+                           f"{a(kind)}")
     for name, (ok, allowed) in rules.items():
         if not ok(getattr(cfg, name)):
             raise SPDError(f"--{name}={getattr(cfg, name)} is out of range: it must be {allowed}")

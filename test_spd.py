@@ -814,8 +814,12 @@ def test_save_load_roundtrip_and_mismatch(tmp_path):
     cfg = MyConfig(C=3)
     spd.save_checkpoint(str(tmp_path / "ckpt.pt"), s, spd.make_optimizer(s, cfg), cfg, 0, [])
     s4 = spd.SPDModel(m, "blocks.*.attn.q_proj", C=4, ci="attention", d_gate=4, max_seq_len=6)
-    with pytest.raises(spd.SPDError, match="ckpt.pt does not fit this decomposition .*size mismatch"):
+    with pytest.raises(spd.SPDError, match="ckpt.pt was made by an SPDModel with C=3, not 4: build it as then"):
         spd.load_checkpoint(str(tmp_path / "ckpt.pt"), s4, spd.make_optimizer(s4, cfg), cfg)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)        # a spec that lies about C
+    torch.save({**ckpt, "spec": s4.spec}, tmp_path / "lie.pt")
+    with pytest.raises(spd.SPDError, match="lie.pt does not fit this decomposition .*size mismatch"):
+        spd.load_checkpoint(str(tmp_path / "lie.pt"), s4, spd.make_optimizer(s4, cfg), cfg)
     assert spd.load_checkpoint(str(tmp_path / "ckpt.pt"), s, spd.make_optimizer(s, cfg), cfg)[0] == 0
     t = torch.randint(0, 11, (2, 6))
     _, inputs = s.target_forward(t)
@@ -908,13 +912,18 @@ def test_bad_api_input_is_a_one_line_error(tmp_path):
             spd.train(s, cfg, lambda: x, log=lambda *a: None, **bad)
     with pytest.raises(spd.SPDError, match="at least one layer"):
         spd.random_layer_subset([])                            # (it would draw forever)
-    for bad, message in [(dict(resume="false"), "--resume='false' is a str, not bool"),   # (truthy)
-                         (dict(steps=2.0), "--steps=2.0 is a float, not int"),
-                         (dict(C=3), "--C=3 but the SPDModel was built with 2: build it from the "
-                                     "config, or set the config's C to 2"),
+    for bad, message in [(dict(resume="false"), "--resume='false' is a str; it must be a bool"),
+                         (dict(steps=2.0), "--steps=2.0 is a float; it must be an int"),
+                         (dict(steps=True), "--steps=True is a bool; it must be an int"),
+                         (dict(resume=1), "--resume=1 is an int; it must be a bool"),
+                         (dict(C=3), "--C=3 but the SPDModel was built with 2: build it with the "
+                                     "config's C, ci, d_gate and causal=ci_causal, or set C=2"),
                          (dict(ci_causal=False), "--ci_causal=False but the SPDModel was built with True")]:
         with pytest.raises(spd.SPDError, match=re.escape(message)):
             spd.train(s, dataclasses.replace(cfg, **bad), lambda: x, log=lambda *a: None)
+    import numpy as np                                         # numpy's numbers are numbers; an int
+    spd.check_config(dataclasses.replace(cfg, steps=np.int64(2), lr=np.float32(1e-3), beta_recon=1))
+    assert gpt2_facts.parse_config(["--beta_partial_recon=0.5"]).beta_partial_recon == 0.5  # preset: 10
     wide = nn.Sequential(nn.Linear(4, 4)).double()           # U, V and γ take the target's dtype
     s64 = spd.SPDModel(wide, "0", C=2, ci="attention", d_gate=2, max_seq_len=5)
     assert all(p.dtype == torch.float64 for p in s64.trainable_parameters())
@@ -1839,7 +1848,8 @@ def test_resume_is_exact_and_checked(tmp_path):
 
     def run(cfg, interrupt_at=None):
         torch.manual_seed(0)
-        s = spd.SPDModel(tiny(), "blocks.*.attn.*", C=6, ci="attention", d_gate=4, max_seq_len=6)
+        s = spd.SPDModel(tiny(), "blocks.*.attn.*", C=6, ci="attention", d_gate=4, max_seq_len=6,
+                         causal=cfg.ci_causal)
         gen, calls = torch.Generator().manual_seed(0), []
 
         def batch():
@@ -1859,6 +1869,9 @@ def test_resume_is_exact_and_checked(tmp_path):
         run(cfg)
     with pytest.raises(spd.SPDError, match="saved with --lr=0.01, not 0.02"):
         run(dataclasses.replace(cfg, resume=True, lr=2e-2))
+    with pytest.raises(spd.SPDError, match="ckpt.pt was made by an SPDModel with causal=True, not False: "
+                                           "build it as then, or delete it to start again"):
+        run(dataclasses.replace(cfg, resume=True, ci_causal=False))    # (a model built otherwise)
     resumed, hist2 = run(dataclasses.replace(cfg, resume=True, checkpoint_every=3))  # (RUN_ONLY)
     for (n, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), n
@@ -1960,22 +1973,34 @@ def test_readme_api_example_runs_as_written(tmp_path, monkeypatch):
 
 def test_ctrl_c_while_training_a_target_saves_it_and_the_same_call_continues(tmp_path, monkeypatch):
     import signal
-    make_batch, calls = induction.make_batch, []
+    make_batch, calls, at = induction.make_batch, [], []
 
     def batch(*a, **kw):
         calls.append(1)
-        if len(calls) == 3:
-            signal.raise_signal(signal.SIGINT)              # Ctrl-C during step 3
+        if len(calls) in at:
+            signal.raise_signal(signal.SIGINT)              # Ctrl-C during that step
         return make_batch(*a, **kw)
+
+    def unhandled(*a):                                      # (without train_target's handler: a
+        raise AssertionError("Ctrl-C reached the caller")   # failure, not a stopped test run)
     monkeypatch.setattr(induction, "make_batch", batch)
-    path, kw = str(tmp_path / "t.pt"), dict(steps=5, batch_size=8, eval_every=100, target_acc=None)
-    with pytest.raises(spd.SPDError, match=r"interrupted after step 3; saved .*t.pt: the same command continues it"):
-        induction.train_target(save_path=path, log=lambda *a: None, **kw)
-    saved = induction.read_target(path)[1]
-    assert saved["step"] == 3 and "optimizer" in saved
-    printed = []
-    induction.train_target(save_path=path, log=printed.append, **kw)
-    assert printed[0].endswith("from step 4") and induction.read_target(path)[1]["step"] == 5
+    old = signal.signal(signal.SIGINT, unhandled)
+    try:
+        path, kw = str(tmp_path / "t.pt"), dict(steps=5, batch_size=8, eval_every=100, target_acc=None)
+        at[:] = [3]
+        with pytest.raises(spd.SPDError, match=r"interrupted after step 3; saved .*t.pt: the same command continues it"):
+            induction.train_target(save_path=path, log=lambda *a: None, **kw)
+        saved = induction.read_target(path)[1]
+        assert saved["step"] == 3 and "optimizer" in saved
+        printed, calls[:], at[:] = [], [], [2]              # step 5, the last: it finishes instead
+        induction.train_target(save_path=path, log=printed.append, **kw)
+        saved = induction.read_target(path)[1]
+        assert printed[0].endswith("from step 4") and saved["step"] == 5 and "optimizer" not in saved
+        calls[:], at[:] = [], [1]
+        with pytest.raises(spd.SPDError, match=r"interrupted after step 1; nothing saved: run again"):
+            induction.train_target(log=lambda *a: None, **kw)
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def test_facts_bad_patterns_fail_before_any_work(tmp_path, monkeypatch, capsys):

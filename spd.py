@@ -664,7 +664,8 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
     the history: the loss terms and mean L0 per layer, one dict per log line."""
     from tqdm import tqdm
     check_config(dataclasses.replace(cfg, device="cpu"))       # (train reads no device)
-    built = {k: spd.spec[k.replace("ci_", "")] for k in ("C", "ci", "d_gate", "ci_causal")}
+    built = dict(C=spd.spec["C"], ci=spd.spec["ci"], d_gate=spd.spec["d_gate"],
+                 ci_causal=spd.spec["causal"])
     for k in [k for k, v in built.items() if getattr(cfg, k) != v][:1]:  # (else the saved config lies)
         raise SPDError(f"--{k}={getattr(cfg, k)} but the SPDModel was built with {built[k]}: build "
                        f"it with the config's C, ci, d_gate and causal=ci_causal, or set {k}={built[k]}")

@@ -783,7 +783,6 @@ def analyses(model, s, x, weight, tokens, tokenizer, edit_layers, P0, cfg):
     res["where"] = report_where(model, s, on, tokenizer, edit_layers, more)
     return res
 
-
 def time_step(s, cfg, x, weight, n=2):
     """Seconds per training step (forward + backward, no update) for the runtime estimate."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)

@@ -451,7 +451,7 @@ def kl_divergence(logits, target_logits, weight=None):
     over the rest."""
     kl = F.kl_div(logits.log_softmax(-1), target_logits.log_softmax(-1), log_target=True,
                   reduction="none").sum(-1)
-    return kl.mean() if weight is None else (kl * weight).sum() / weight.expand_as(kl).sum()
+    return _average(kl, weight)
 
 
 def faithfulness_loss(spd):
@@ -469,6 +469,7 @@ def importance_minimality_loss(g_upper, p, weight=None):
 
 
 def _average(total, weight):
+    """The mean of total, or its mean weighted by `weight` (broadcast to total's shape)."""
     return total.mean() if weight is None else (total * weight).sum() / weight.expand_as(total).sum()
 
 

@@ -74,7 +74,7 @@ class DecomposedLayer(nn.Module):
         self.U = nn.Parameter(torch.randn(d_out, C) / math.sqrt(C))
         self.ci = ci
         self.mask = None      # (alpha (N, S, C), rows (N,) or None for all rows), set per forward
-        self.record, self.last_input = False, None  # keep the last input (for the CI functions)
+        self.inputs = None    # while target_forward runs, a list of the inputs it was called with
 
     @property
     def W(self):
@@ -86,8 +86,8 @@ class DecomposedLayer(nn.Module):
         return y if self.target.bias is None else y + self.target.bias
 
     def forward(self, x):                         # x (N, S, d_in)
-        if self.record:
-            self.last_input = x
+        if self.inputs is not None:
+            self.inputs.append(x)
         if self.mask is None:
             return self.target(x)
         alpha, rows = self.mask
@@ -126,6 +126,13 @@ def match_modules(model, patterns):
                            f"(only Linear/Conv1D that the model calls; torch's own attention and "
                            f"Transformer layers read their weights); it matched {_short(hits)}")
         names += [n for n in hits if n not in names]
+    aliases = {}                                              # one module under several names
+    for n, m in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), []).append(n)
+    shared = next((a for n in names if len(a := aliases[id(model.get_submodule(n))]) > 1), None)
+    if shared:
+        raise SPDError(f"{shared[0]!r} is also registered as {shared[1]!r}: SPD decomposes a layer "
+                       f"with one name, called once per forward; give each use its own copy")
     return names
 
 
@@ -216,14 +223,18 @@ class SPDModel(nn.Module):
     def target_forward(self, x):
         """Algorithm 3 step 2: the target's logits and each decomposed layer's input."""
         for layer in self.layers.values():
-            layer.record = True
+            layer.inputs = []
         try:
             logits = self(x)
-            inputs = {n: layer.last_input for n, layer in self.layers.items()}
+            inputs = {n: layer.inputs for n, layer in self.layers.items()}
         finally:
             for layer in self.layers.values():
-                layer.record, layer.last_input = False, None
-        return logits, inputs
+                layer.inputs = None
+        for n, xs in inputs.items():                  # (else the CI would see one call of several)
+            if len(xs) != 1:
+                raise SPDError(f"layer {n!r} ran {len(xs)} times in one forward: SPD decomposes a layer "
+                               f"that the model calls once" + ("; give each call its own copy" if xs else ""))
+        return logits, {n: xs[0] for n, xs in inputs.items()}
 
     def causal_importance(self, inputs):
         """Algorithm 3 step 3: pre-sigmoid causal importances {name: (B, S, C)} from the inputs."""
@@ -445,13 +456,13 @@ def sample_masks(g):
 # -----------------------------------------------------------------------------
 # 5. Losses
 
-def kl_divergence(logits, target_logits, weight=None):
+def kl_divergence(logits, target_logits, weight=None, keep=0):
     """D_KL(target || pred) = Σ_v p_target (log p_target - log p_pred), as SPD's code (Eq. 2-6 list
     the arguments the other way; README), summed over the vocabulary, then averaged (or `weight`ed)
-    over the rest."""
+    over the rest but the first `keep` dimensions (K mask sets: target_logits broadcasts over them)."""
     kl = F.kl_div(logits.log_softmax(-1), target_logits.log_softmax(-1), log_target=True,
                   reduction="none").sum(-1)
-    return _average(kl, weight)
+    return _average(kl, weight, keep)
 
 
 def faithfulness_loss(spd):
@@ -468,9 +479,13 @@ def importance_minimality_loss(g_upper, p, weight=None):
     return _average(total, weight)
 
 
-def _average(total, weight):
-    """The mean of total, or its mean weighted by `weight` (broadcast to total's shape)."""
-    return total.mean() if weight is None else (total * weight).sum() / weight.expand_as(total).sum()
+def _average(total, weight, keep=0):
+    """The mean of total over its dimensions but the first `keep`, or its mean weighted by `weight`
+    (broadcast to those dimensions)."""
+    dims = list(range(keep, total.dim()))
+    if weight is None:
+        return total.mean(dims)
+    return (total * weight).sum(dims) / weight.expand(total.shape[keep:]).sum()
 
 
 def importance_minimality_loss_fused(pre, p, weight=None):
@@ -540,7 +555,7 @@ def reconstruction_losses(spd, x, target_logits, g, R, names, weight=None, last_
     logits = spd.run_mask_sets(x, flat, last_token_only)         # (K, B, S, V) or (K, B, V)
     if last_token_only:
         target_logits, weight = target_logits[:, -1], None
-    kl = torch.stack([kl_divergence(lg, target_logits, weight) for lg in logits])  # (K,)
+    kl = kl_divergence(logits, target_logits, weight, keep=1)     # (K,), one per mask set
     return {n: v.mean() for n, v in zip(names, kl.split([len(sets[n]) for n in names]))}
 
 

@@ -170,6 +170,35 @@ def test_target_forward_records_inputs():
     assert torch.allclose(inputs["blocks.0.attn.v_proj"], m.embed(t))
 
 
+class Reused(nn.Module):
+    """A layer `a` called `calls` times per forward, registered once or (alias) twice."""
+    def __init__(self, calls=1, alias=False):
+        super().__init__()
+        self.embed, self.a, self.out, self.calls = nn.Embedding(11, 8), nn.Linear(8, 8), nn.Linear(8, 11), calls
+        if alias:
+            self.b = self.a
+
+    def forward(self, x):
+        h = self.embed(x)
+        for _ in range(self.calls):
+            h = self.a(h)
+        return self.out(h)
+
+
+def test_a_layer_called_twice_or_never_or_registered_twice_is_refused():
+    """Silently wrong otherwise: the CI would read one call's input, an alias would stay the target."""
+    t = torch.randint(0, 11, (2, 5))
+    with pytest.raises(spd.SPDError, match="'a' is also registered as 'b': .* its own copy"):
+        spd.SPDModel(Reused(alias=True), "a", C=2)
+    with pytest.raises(spd.SPDError, match="layer 'a' ran 2 times in one forward: .*its own copy"):
+        spd.SPDModel(Reused(calls=2), "a", C=2).target_forward(t)
+    with pytest.raises(spd.SPDError, match="layer 'a' ran 0 times in one forward: .*calls once$"):
+        spd.causal_importances(spd.SPDModel(Reused(calls=0), "a", C=2), t)
+    s = spd.SPDModel(Reused(), "a", C=2)
+    s.target_forward(t)
+    assert all(l.inputs is None for l in s.layers.values())
+
+
 # -----------------------------------------------------------------------------
 # 3. causal importance
 
@@ -312,7 +341,19 @@ def test_final_only_forward_gives_the_same_losses():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_ctrl_c_in_faithfulness_warmup_stops_after_one_step(monkeypatch, tmp_path):
+@pytest.fixture
+def ctrl_c_fails():
+    """Ctrl-C that reaches the test (the code under test should have handled it) fails the test,
+    instead of stopping pytest."""
+    import signal
+    def unhandled(*a):
+        raise AssertionError("Ctrl-C reached the caller")
+    old = signal.signal(signal.SIGINT, unhandled)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_ctrl_c_in_faithfulness_warmup_stops_after_one_step(monkeypatch, tmp_path, ctrl_c_fails):
     import signal
     def interrupted(*a):
         signal.raise_signal(signal.SIGINT)                  # Ctrl-C while the warm-up runs
@@ -1839,7 +1880,7 @@ def test_every_config_field_has_a_rule():
         spd.check_config(cfg, rules)                                  # the defaults are allowed
 
 
-def test_resume_is_exact_and_checked(tmp_path):
+def test_resume_is_exact_and_checked(tmp_path, ctrl_c_fails):
     """Interrupt at step 7 (SIGINT from inside), resume: bit-identical to an unbroken run."""
     import signal
     path = str(tmp_path / "ckpt.pt")
@@ -1971,7 +2012,8 @@ def test_readme_api_example_runs_as_written(tmp_path, monkeypatch):
     assert isinstance(env["edited"], TinyMLP) and (tmp_path / "spd.pt").exists()
 
 
-def test_ctrl_c_while_training_a_target_saves_it_and_the_same_call_continues(tmp_path, monkeypatch):
+def test_ctrl_c_while_training_a_target_saves_it_and_the_same_call_continues(tmp_path, monkeypatch,
+                                                                             ctrl_c_fails):
     import signal
     make_batch, calls, at = induction.make_batch, [], []
 
@@ -1980,27 +2022,20 @@ def test_ctrl_c_while_training_a_target_saves_it_and_the_same_call_continues(tmp
         if len(calls) in at:
             signal.raise_signal(signal.SIGINT)              # Ctrl-C during that step
         return make_batch(*a, **kw)
-
-    def unhandled(*a):                                      # (without train_target's handler: a
-        raise AssertionError("Ctrl-C reached the caller")   # failure, not a stopped test run)
     monkeypatch.setattr(induction, "make_batch", batch)
-    old = signal.signal(signal.SIGINT, unhandled)
-    try:
-        path, kw = str(tmp_path / "t.pt"), dict(steps=5, batch_size=8, eval_every=100, target_acc=None)
-        at[:] = [3]
-        with pytest.raises(spd.SPDError, match=r"interrupted after step 3; saved .*t.pt: the same command continues it"):
-            induction.train_target(save_path=path, log=lambda *a: None, **kw)
-        saved = induction.read_target(path)[1]
-        assert saved["step"] == 3 and "optimizer" in saved
-        printed, calls[:], at[:] = [], [], [2]              # step 5, the last: it finishes instead
-        induction.train_target(save_path=path, log=printed.append, **kw)
-        saved = induction.read_target(path)[1]
-        assert printed[0].endswith("from step 4") and saved["step"] == 5 and "optimizer" not in saved
-        calls[:], at[:] = [], [1]
-        with pytest.raises(spd.SPDError, match=r"interrupted after step 1; nothing saved: run again"):
-            induction.train_target(log=lambda *a: None, **kw)
-    finally:
-        signal.signal(signal.SIGINT, old)
+    path, kw = str(tmp_path / "t.pt"), dict(steps=5, batch_size=8, eval_every=100, target_acc=None)
+    at[:] = [3]
+    with pytest.raises(spd.SPDError, match=r"interrupted after step 3; saved .*t.pt: the same command continues it"):
+        induction.train_target(save_path=path, log=lambda *a: None, **kw)
+    saved = induction.read_target(path)[1]
+    assert saved["step"] == 3 and "optimizer" in saved
+    printed, calls[:], at[:] = [], [], [2]              # step 5, the last: it finishes instead
+    induction.train_target(save_path=path, log=printed.append, **kw)
+    saved = induction.read_target(path)[1]
+    assert printed[0].endswith("from step 4") and saved["step"] == 5 and "optimizer" not in saved
+    calls[:], at[:] = [], [1]
+    with pytest.raises(spd.SPDError, match=r"interrupted after step 1; nothing saved: run again"):
+        induction.train_target(log=lambda *a: None, **kw)
 
 
 def test_facts_bad_patterns_fail_before_any_work(tmp_path, monkeypatch, capsys):

@@ -1377,6 +1377,14 @@ def induction_argv(tmp_path, *extra):
             f"--out_dir={tmp_path}", *extra]
 
 
+def test_train_target_prints_the_mechanism_and_the_oracle(tmp_path, capsys):
+    """--train-target ends with what decides whether a target suits Table 1: Sec. 6.1 and the oracle."""
+    got = induction.main(induction_argv(tmp_path, "--train-target", "--target_eval_every=20"))
+    model = induction.read_target(str(tmp_path / "target.pt"))[0]
+    assert got["oracle_kl"] == induction.oracle_kl(model) > 0 and 0 <= got["l0_m_to_s1"] <= 1
+    assert f"oracle_kl {got['oracle_kl']:.4g}" in capsys.readouterr().out
+
+
 def test_induction_script_smoke(tmp_path, capsys):
     r = induction.main(induction_argv(tmp_path))
     out = capsys.readouterr().out

@@ -362,8 +362,9 @@ def load_tiny(path=TINY_PATH):
     tokenizer = SubwordTokenizer()
     made_of = {"tokens": tokenizer.tokens, "sentences": ALL_SENTENCES, "config": TINY_CONFIG}
     if os.path.exists(path):
-        ckpt = spd.read_file(path, "tiny model cache", "pass the right --tiny_path (at a path with "
-                             "no file, the tiny model is trained)", keys=("model", "config"))
+        ckpt = spd.read_file(path, "tiny model cache", "pass the right --tiny_path, or delete the file "
+                             "(at a path with no file, the tiny model is trained)",
+                             keys=("model", "config", "sentences"))    # (a file of ours; else not over it)
         if all(ckpt.get(k) == v for k, v in made_of.items()):
             model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), **TINY_CONFIG))
             model.load_state_dict(ckpt["model"])
@@ -522,7 +523,7 @@ RULES = {**spd.CONFIG_RULES,  # the allowed values of FactsConfig's own fields
          "preset": (lambda v: True, "any text"), "patterns": (lambda v: v != "", "module globs"),
          "edit_patterns": (lambda v: v != "", "module globs"),
          "threshold": (lambda v: 0 <= v < 1, "in [0, 1)"), "out_dir": (lambda v: v != "", "a folder"),
-         "tiny_path": (lambda v: v != "", "a file path"), "threads": spd._at_least(0)}
+         "tiny_path": spd._FILE, "threads": spd._at_least(0)}
 
 def parse_config(argv):
     """FactsConfig from '--key=value' strings: the preset's dict first, then the overrides."""
@@ -584,20 +585,28 @@ def orthogonal_projection(W, u, v):
 def suppress_subcomponents(target, s, chosen):
     """A copy of `target` with each chosen subcomponent's direction pair (U[:, c], V[c]) of the
     decomposition s projected out of its layer's weight (Sec. 5.2; any spd.SPDModel, not only
-    GPT-2's). chosen: {layer name: [c, ...]}. The caller's model is untouched."""
+    GPT-2's). chosen: {layer name: [c, ...]}. The caller's model is untouched, and an edited
+    layer's weight is untied in the copy first (GPT-2's lm_head shares wte's), so only it changes."""
     edited = copy.deepcopy(target)
     for name, cs in chosen.items():
         if name not in s.layers:
             raise spd.SPDError(f"{name!r} is not a decomposed layer; decomposed: {', '.join(s.layers)}")
-        layer, cs = s.layers[name], [int(c) if int(c) == c else c for c in cs]  # (tensors hash by id)
-        if len(set(cs)) != len(cs) or not all(isinstance(c, int) and 0 <= c < layer.V.shape[0] for c in cs):
-            raise spd.SPDError(f"{name}: subcomponents {cs} must be distinct integers in "
-                               f"0..{layer.V.shape[0] - 1}")
-        W = spd.layer_weight(edited.get_submodule(name))       # a view into the copy's weight
-        if not torch.equal(W, layer.W.to(W)):
+        layer = s.layers[name]
+        try:
+            cs = [int(c) if float(c).is_integer() else c for c in cs]  # (3.0 -> 3; tensors hash by id)
+        except (TypeError, ValueError):                                 # (not a list; nan, inf)
+            cs = None
+        if cs is None or len(set(cs)) != len(cs) or not all(isinstance(c, int) and 0 <= c < layer.V.shape[0]
+                                                             for c in cs):
+            raise spd.SPDError(f"{name}: subcomponents {chosen[name]} must be a list of distinct "
+                               f"integers in 0..{layer.V.shape[0] - 1}")
+        module = edited.get_submodule(name)
+        if not torch.equal(spd.layer_weight(module), layer.W.to(module.weight)):
             raise spd.SPDError(f"{name}: this model's weight is not the one s decomposed; pass "
                                f"that model")
-        W.copy_(orthogonal_projection(W, layer.U[:, cs].T, layer.V[cs]))
+        module.weight = torch.nn.Parameter(module.weight.detach().clone(), module.weight.requires_grad)
+        W = spd.layer_weight(module)                            # a view into the copy's own weight
+        W.copy_(orthogonal_projection(W, layer.U[:, cs].T.to(W), layer.V[cs].to(W)))
     return edited
 
 def suppress(model, s, chosen):

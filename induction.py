@@ -470,9 +470,9 @@ def table1(s, target, cfg):
                "attn_kl_layer1": every[0], "attn_kl_layer2": every[1], "attn_kl_mean": sum(every) / 2,
                "attn_kl_layer1_query_m": kl[0][b, m].mean().item(),
                "attn_kl_layer2_query_s2": kl[1][:, -1].mean().item()}
-    oracle, oracle_attn = oracle_kl(target, attention=True)
+    oracle, oracle_attn = oracle_kl(target, B, attention=True)       # (on B sequences of their own)
     return {"threshold": cfg.threshold, "eval_sequences": B, "active": active, "unique": unique,
-            "metrics": metrics, "layerwise_by_matrix": layerwise, "mechanism": mechanism_check(target),
+            "metrics": metrics, "layerwise_by_matrix": layerwise, "mechanism": mechanism_check(target, B),
             "oracle_kl": oracle, "oracle_attn_kl": oracle_attn}
 
 
@@ -822,7 +822,7 @@ RULES = {**spd.CONFIG_RULES,  # the allowed values of InductionConfig's own fiel
          "target_batch_size": spd._at_least(1), "target_lr": spd._POSITIVE,
          "target_weight_decay": spd._NONNEGATIVE, "target_warmup": spd._at_least(0),
          "target_stop_acc": spd._POSITIVE, "target_eval_every": spd._at_least(1),
-         "target_path": (lambda v: v != "", "a file path"), "out_dir": (lambda v: v != "", "a folder"),
+         "target_path": spd._FILE, "out_dir": (lambda v: v != "", "a folder"),
          "threads": spd._at_least(0), "max_memory_gb": spd._POSITIVE,
          "bench_against": (lambda v: v == "" or os.path.isfile(v), "an existing spd.py file")}
 
@@ -844,8 +844,10 @@ def parse_config(argv):
 
 
 MODES = ("--table1", "--table2", "--bench", "--svd-baseline", "--train-target")
-BENCH_KEYS = {"bench_against", "out_dir", "threads", "device", "seed",  # all --bench reads (seed and
-              *[k for k in TABLE3], "target_path"}                   # target_*: a missing target)
+_TARGET = {"target_path", "seed", "device", "threads", *TABLE3}   # (a missing target is trained)
+MODE_KEYS = {"--bench": _TARGET | {"bench_against", "out_dir"},    # all each mode reads: any other
+             "--table2": _TARGET | {"out_dir", "max_memory_gb", "ci_causal"},  # setting is refused
+             "--train-target": _TARGET | {"preset"}}
 
 
 def check_same_run(saved, cfg, given, path):
@@ -873,15 +875,20 @@ def main(argv):
         raise spd.SPDError(f"{what}; modes: {' '.join(MODES)}; settings: --key=value")
     cfg, preset = parse_config([a for a in argv if a not in modes])
     given = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and "=" in a]
-    if "--bench" in modes and set(given) - BENCH_KEYS:     # (its anchor config is fixed)
-        raise spd.SPDError(f"--{sorted(set(given) - BENCH_KEYS)[0]} does nothing with --bench; it "
-                           f"takes {', '.join('--' + k for k in sorted(BENCH_KEYS))}")
+    takes = MODE_KEYS.get(modes[0] if modes else None, set(given))
+    if set(given) - takes:                            # (--bench and --table2 time fixed configs)
+        raise spd.SPDError(f"--{sorted(set(given) - takes)[0]} does nothing with {modes[0]}; it "
+                           f"takes {', '.join('--' + k for k in sorted(takes))}")
+    if "--svd-baseline" in modes and "threshold" in given:
+        raise spd.SPDError("--threshold does nothing with --svd-baseline: Figure 2's SPD rows use the "
+                           "thresholds 0, 0.01, 0.1, 0.3, 0.5 and 0.9")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     spd.keep_freed_memory()  # fewer page faults per step (README, speed); process-wide
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     out = lambda name: os.path.join(cfg.out_dir, name)
+    stamp = time.strftime("%Y%m%d_%H%M%S") + f"_{os.getpid()}"      # (two runs in one second: two)
     done = [f for f in ("spd.pt", "table1.json") if os.path.exists(out(f))]
     if not modes and done:                            # (a finished run has no checkpoint left)
         raise spd.SPDError(f"{cfg.out_dir} holds a finished run ({done[0]}); " + ("nothing to resume"
@@ -922,13 +929,13 @@ def main(argv):
         lengths = (16, 64, 1024, 10240)
         rows = table2(target, cfg, lengths)
         print_table2(rows, lengths, name)
-        spd.atomic_write(out(time.strftime("table2_%Y%m%d_%H%M%S.json")),  # never over an earlier one
+        spd.atomic_write(out(f"table2_{stamp}.json"),  # never over an earlier one
                          {"device": name, "lengths": lengths, "it_per_s": rows, "paper": PAPER_TABLE2})
         return rows
     if "--bench" in modes:
         print(f"SPD step at the anchor config on {device} ({torch.get_num_threads()} threads):")
         rows = bench(target, cfg.bench_against)
-        spd.atomic_write(out(time.strftime("bench_%Y%m%d_%H%M%S.json")),
+        spd.atomic_write(out(f"bench_{stamp}.json"),
                          {"device": str(device), "threads": torch.get_num_threads(),
                           "ms_per_step": rows})
         return rows

@@ -153,8 +153,10 @@ class SPDModel(nn.Module):
     def __init__(self, target, patterns, C, ci="vector", d_gate=16, max_seq_len=None,
                  causal=True, final_only_kwargs=None):
         super().__init__()
-        if not (C >= 1 and d_gate >= 1):
-            raise SPDError(f"C and d_gate must be >= 1, got C={C}, d_gate={d_gate}")
+        whole = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+        if not (whole(C) and whole(d_gate) and (max_seq_len is None or whole(max_seq_len))):
+            raise SPDError(f"C, d_gate and max_seq_len (if given) must be integers >= 1, got C={C!r}, "
+                           f"d_gate={d_gate!r}, max_seq_len={max_seq_len!r}")
         self.model = copy.deepcopy(target).eval()
         self.model.requires_grad_(False)
         self.spec = dict(patterns=match_modules(self.model, patterns), C=C, ci=ci,
@@ -232,8 +234,9 @@ class SPDModel(nn.Module):
                 layer.inputs = None
         for n, xs in inputs.items():                  # (else the CI would see one call of several)
             if len(xs) != 1:
-                raise SPDError(f"layer {n!r} ran {len(xs)} times in one forward: SPD decomposes a layer "
-                               f"that the model calls once" + ("; give each call its own copy" if xs else ""))
+                raise SPDError(f"layer {n!r} ran {len(xs)} times in one forward: SPD decomposes a "
+                               f"layer that the model calls once" + ("; give each call its own copy"
+                                                                      if xs else ""))
         return logits, {n: xs[0] for n, xs in inputs.items()}
 
     def causal_importance(self, inputs):
@@ -693,6 +696,11 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
     step_fn = _compiled_step() if cfg.compile else training_step
     save_now = lambda step: checkpoint and save_checkpoint(checkpoint, spd, opt, cfg, step, history,
                                                            data_rng)
+
+    def diverged(what, fix="try a lower --lr or smaller betas"):
+        kept = f"delete {checkpoint} (an earlier step's) and " if checkpoint and os.path.exists(
+            checkpoint) else "nothing saved; "
+        raise SPDError(f"{what}; stopped, {kept}{fix}")
     with _locked(checkpoint), _on_interrupt(lambda: stop.append(True)), _deterministic(cfg.compile):
         if cfg.resume:                 # (Ctrl-C from here on stops after the warm-up and a step)
             first, history = load_checkpoint(checkpoint, spd, opt, cfg, data_rng)
@@ -701,23 +709,23 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
             raise SPDError(f"{checkpoint} holds an unfinished run: continue it with --resume=true, "
                            f"or delete it to start again")
         elif cfg.faithfulness_warmup_steps:
-            log(f"faithfulness warm-up: {cfg.faithfulness_warmup_steps} steps -> "
-                f"L_faithful {faithfulness_warmup(spd, cfg):.2e}")
+            fit = faithfulness_warmup(spd, cfg)
+            if not math.isfinite(fit):
+                diverged(f"the faithfulness warm-up ended at L_faithful {fit}",
+                         "try a lower --faithfulness_warmup_lr")
+            log(f"faithfulness warm-up: {cfg.faithfulness_warmup_steps} steps -> L_faithful {fit:.2e}")
         t0 = time.time()
         bar = tqdm(range(first, cfg.steps), desc="SPD", mininterval=1.0, leave=False, disable=None)
         for step in bar:
             batch = next_batch()
             x, weight = batch if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None)
-            _check_batch(x, weight, cfg.last_token_only, values=step == first)
+            _check_batch(x, weight, cfg.last_token_only)
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step)
             total, terms, g = step_fn(spd, x, cfg, step, weight)
             if not torch.isfinite(total):
                 bad = next((k for k, v in terms.items() if not torch.isfinite(v)), "total")
-                fix = (f"delete {checkpoint} (an earlier step's) and " if checkpoint and
-                       os.path.exists(checkpoint) else "nothing saved; ")
-                raise SPDError(f"step {step}: the loss term {bad} is {terms.get(bad, total).item()}; "
-                               f"stopped, {fix}try a lower --lr or smaller betas")
+                diverged(f"step {step}: the loss term {bad} is {terms.get(bad, total).item()}")
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
@@ -735,6 +743,10 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
                     f"; saved {checkpoint}: continue with --resume=true" if checkpoint else ""))
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 save_now(step + 1)
+        fit = faithfulness_loss(spd).item()           # (the last update's result, which no loss saw)
+        if not (math.isfinite(fit) and all(p.isfinite().all() for p in spd.trainable_parameters())):
+            diverged(f"step {cfg.steps - 1}: after its update L_faithful is {fit} or a parameter is "
+                     f"not finite")
     return history
 
 
@@ -808,15 +820,17 @@ def load_checkpoint(path, spd, opt, cfg, data_rng=None):
     if not path or not os.path.exists(path):
         raise SPDError(f"no checkpoint to resume at {path}; run without --resume=true")
     ckpt = read_file(path, "checkpoint", fix, keys=("step", "config", "optimizer", "state", "rng"))
-    built = [k for k in ckpt["spec"] if ckpt["spec"][k] != spd.spec.get(k)]   # (C, CI, layers, ...)
-    if built:
-        raise SPDError(f"{path} was made by an SPDModel with {built[0]}={ckpt['spec'].get(built[0])}, "
-                       f"not {spd.spec[built[0]]}: build it as then, or {fix}")
-    now = _plain(dataclasses.asdict(cfg))
+    now = _plain(dataclasses.asdict(cfg))                     # (first: it names the flag)
     diff = [k for k in now if k not in cfg.RUN_ONLY and ckpt["config"].get(k) != now[k]]
     if diff:
         raise SPDError(f"{path} was saved with --{diff[0]}={ckpt['config'].get(diff[0])}, not "
                        f"{now[diff[0]]}: resume with the same config, or {fix}")
+    built = [k for k in ckpt["spec"] if ckpt["spec"][k] != spd.spec.get(k)]   # (C, CI, layers, ...)
+    if built:
+        was, new = (f"[{_short(v, 3)}]" if isinstance(v, list) else v
+                    for v in (ckpt["spec"].get(built[0]), spd.spec[built[0]]))
+        raise SPDError(f"{path} was made by an SPDModel with {built[0]}={was}, not {new}: build it "
+                       f"as then, or {fix}")
     _restore(spd, path, ckpt)
     opt.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"])
@@ -872,6 +886,8 @@ _at_least = lambda lo: (lambda v: v >= lo, f">= {lo}")
 _one_of = lambda *names: (lambda v: v in names, "one of " + ", ".join(names))
 _POSITIVE = (lambda v: 0 < v < math.inf, "> 0 and finite")
 _NONNEGATIVE = (lambda v: 0 <= v < math.inf, ">= 0 and finite")
+_FILE = (lambda v: v != "" and not v.endswith(("/", os.sep)) and not os.path.isdir(v),
+         "a file's path, not a folder")
 CONFIG_RULES = {  # field -> (allowed?, what is allowed) for every non-bool field of Config
     "C": _at_least(1), "ci": _one_of("scalar", "vector", "attention"), "d_gate": _at_least(1),
     "n_mask_samples": _at_least(1),
@@ -915,11 +931,11 @@ def check_config(cfg, rules=CONFIG_RULES):
     return cfg
 
 
-def _check_batch(x, weight, last_token_only, values):
-    """x (B, S, ...), B and S >= 1; weight (B, S), and if values (the first step: reading them waits
-    for a GPU) >= 0, not all 0, and > 0 at the final positions if only they are trained."""
+def _check_batch(x, weight, last_token_only):
+    """x (B, S, ...), B and S >= 1; weight (B, S), >= 0, not all 0, and > 0 at the final positions
+    if only they are trained (every batch: one wait for a GPU, as the loss's check has anyway)."""
     bad = not torch.is_tensor(x) or x.dim() < 2 or 0 in x.shape[:2] or weight is not None and (
-        not torch.is_tensor(weight) or weight.shape != x.shape[:2] or values and not (
+        not torch.is_tensor(weight) or weight.shape != x.shape[:2] or not (
             (weight >= 0).all() and weight.sum() > 0 and (not last_token_only or weight[:, -1].all())))
     if bad:
         shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__

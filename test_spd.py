@@ -822,7 +822,7 @@ def test_suppress_subcomponents_linear_and_conv1d_agree():
     assert torch.equal(gpt2_facts.suppress_subcomponents(lin, a, {"0": torch.tensor([1, 3])})[0].weight,
                        ea[0].weight)                                   # indices as a tensor
     for bad in [torch.tensor([1, 1]), [1.9]]:
-        with pytest.raises(spd.SPDError, match="must be distinct integers"):
+        with pytest.raises(spd.SPDError, match="must be a list of distinct integers"):
             gpt2_facts.suppress_subcomponents(lin, a, {"0": bad})
     other = copy.deepcopy(lin)
     other[0].weight.data[0, 0] += 1
@@ -833,9 +833,24 @@ def test_suppress_subcomponents_linear_and_conv1d_agree():
     with pytest.raises(spd.SPDError, match="a direction is zero"):
         gpt2_facts.suppress_subcomponents(lin, a, {"0": [2]})
     C = a.layers["0"].V.shape[0]
-    for bad in ([1, 1], [-1], [C]):                 # twice would project a direction out twice
-        with pytest.raises(spd.SPDError, match=f"must be distinct integers in 0..{C - 1}"):
+    for bad in ([1, 1], [-1], [C], 3, [float("nan")], None):  # (twice: a direction out twice)
+        with pytest.raises(spd.SPDError, match=f"must be a list of distinct integers in 0..{C - 1}"):
             gpt2_facts.suppress_subcomponents(lin, a, {"0": bad})
+    lin64 = copy.deepcopy(lin).double()                                # a float64 copy: the same edit
+    assert torch.allclose(gpt2_facts.suppress_subcomponents(lin64, a, {"0": [1, 3]})[0].weight,
+                          ea[0].weight.double(), atol=1e-6)
+
+
+def test_suppressing_a_tied_layer_edits_only_that_layer():
+    """GPT-2's lm_head shares wte's weight: the edit must not reach the input embedding."""
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=16, vocab_size=30))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    s = spd.SPDModel(model, "lm_head", C=8, ci="vector", d_gate=4)
+    edited = gpt2_facts.suppress_subcomponents(model, s, {"lm_head": [0, 5]})
+    assert torch.equal(edited.transformer.wte.weight, model.transformer.wte.weight)
+    L = s.layers["lm_head"]
+    ref = gpt2_facts.orthogonal_projection(model.lm_head.weight, L.U[:, [0, 5]].T, L.V[[0, 5]])
+    assert torch.allclose(edited.lm_head.weight, ref)
 
 
 # -----------------------------------------------------------------------------
@@ -857,6 +872,11 @@ def test_save_load_roundtrip_and_mismatch(tmp_path):
     s4 = spd.SPDModel(m, "blocks.*.attn.q_proj", C=4, ci="attention", d_gate=4, max_seq_len=6)
     with pytest.raises(spd.SPDError, match="ckpt.pt was made by an SPDModel with C=3, not 4: build it as then"):
         spd.load_checkpoint(str(tmp_path / "ckpt.pt"), s4, spd.make_optimizer(s4, cfg), cfg)
+    s5 = spd.SPDModel(m, "blocks.*.attn.*", C=3, ci="attention", d_gate=4, max_seq_len=6)
+    with pytest.raises(spd.SPDError, match=re.escape("with patterns=[blocks.0.attn.q_proj, blocks.1.attn.q_proj], "
+                                                     "not [blocks.0.attn.q_proj, blocks.0.attn.k_proj, "
+                                                     "blocks.0.attn.v_proj, ... (8 in all)]: build it as then")):
+        spd.load_checkpoint(str(tmp_path / "ckpt.pt"), s5, spd.make_optimizer(s5, cfg), cfg)
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)        # a spec that lies about C
     torch.save({**ckpt, "spec": s4.spec}, tmp_path / "lie.pt")
     with pytest.raises(spd.SPDError, match="lie.pt does not fit this decomposition .*size mismatch"):
@@ -929,9 +949,10 @@ def test_bad_api_input_is_a_one_line_error(tmp_path):
     """Through the API too (the scripts check their flags first): C or d_gate below 1, a Config
     out of range given to train, and save onto a folder, which is left as it was."""
     m = tiny()
-    for C, d_gate in [(0, 4), (2, 0)]:
-        with pytest.raises(spd.SPDError, match=f"C and d_gate must be >= 1, got C={C}, d_gate={d_gate}"):
-            spd.SPDModel(m, "blocks.0.attn.q_proj", C=C, d_gate=d_gate)
+    for C, d_gate, S in [(0, 4, None), (2, 0, None), (2.5, 4, None), ("4", 4, None), (2, 4, 6.0), (2, 4, -3)]:
+        with pytest.raises(spd.SPDError, match=re.escape(f"must be integers >= 1, got C={C!r}, d_gate={d_gate!r}, "
+                                                         f"max_seq_len={S!r}")):
+            spd.SPDModel(m, "blocks.0.attn.q_proj", C=C, d_gate=d_gate, max_seq_len=S, ci="attention")
     s = spd.SPDModel(m, "blocks.0.attn.q_proj", C=2, ci="vector", d_gate=2)
     before = [p.clone() for p in s.trainable_parameters()]
     for bad, message in [(dict(lr=-1e-3), "--lr=-0.001 is out of range: it must be > 0 and finite"),
@@ -948,6 +969,16 @@ def test_bad_api_input_is_a_one_line_error(tmp_path):
         with pytest.raises(spd.SPDError, match=r"next_batch\(\) gave x .*, weight .*; it must give tokens \(B, S\)"):
             spd.train(s, cfg, lambda: batch, log=lambda *a: None)
     spd.train(s, dataclasses.replace(cfg, last_token_only=False), lambda: [x, pad], log=lambda *a: None)
+    batches = iter([x, x, (x, pad)])                           # a bad batch later in the run, too
+    with pytest.raises(spd.SPDError, match=r"next_batch\(\) gave x \(4, 6\), weight \(4, 6\)"):
+        spd.train(s, config_for(s, steps=3), lambda: next(batches), log=lambda *a: None)
+    for bad, message in [(dict(faithfulness_warmup_steps=3, faithfulness_warmup_lr=1e30),
+                          r"the faithfulness warm-up ended at L_faithful (nan|inf); stopped, nothing "
+                          r"saved; try a lower --faithfulness_warmup_lr"),
+                         (dict(lr=1e30), r"step 0: after its update L_faithful is (nan|inf) or a "
+                                         r"parameter is not finite; stopped, nothing saved; try a lower --lr")]:
+        with pytest.raises(spd.SPDError, match=message):       # (no result, and no wrong advice)
+            spd.train(copy.deepcopy(s), config_for(s, steps=1, **bad), lambda: x, log=lambda *a: None)
     for bad in [dict(data_rng=0), dict(checkpoint=str(tmp_path))]:
         with pytest.raises(spd.SPDError, match="checkpoint must be a file's path and data_rng a torch.Generator"):
             spd.train(s, cfg, lambda: x, log=lambda *a: None, **bad)
@@ -1371,10 +1402,14 @@ def test_presets():
 # induction.py
 
 def induction_argv(tmp_path, *extra):
-    return ["--steps=6", "--batch_size=8", "--eval_batch=32", "--C=8", "--d_gate=4",
+    """Small settings, and extra; with --bench, --table2 or --train-target only the settings the mode
+    reads (it refuses the others), and extra."""
+    argv = ["--steps=6", "--batch_size=8", "--eval_batch=32", "--C=8", "--d_gate=4",
             "--target_steps=40", "--target_batch_size=32", "--faithfulness_warmup_steps=5",
             "--threads=1", "--log_every=3", "--device=cpu", f"--target_path={tmp_path}/target.pt",
-            f"--out_dir={tmp_path}", *extra]
+            f"--out_dir={tmp_path}"]
+    takes = next((induction.MODE_KEYS[e] for e in extra if e in induction.MODE_KEYS), None)
+    return [a for a in argv if takes is None or a[2:].split("=")[0] in takes] + list(extra)
 
 
 def test_train_target_prints_the_mechanism_and_the_oracle(tmp_path, capsys):
@@ -1403,8 +1438,10 @@ def test_induction_script_smoke(tmp_path, capsys):
         (r["metrics"]["attn_kl_layer1"] + r["metrics"]["attn_kl_layer2"]) / 2)
     assert all(0 <= v <= 1 for v in r["mechanism"].values())
     assert len(r["history"]) >= 2 and r["history"][-1]["step"] == 5
-    # the decomposition reloads against the cached target and gives the same faithfulness
     target = induction.load_or_train_target(str(tmp_path / "target.pt"), log=lambda *a: None)
+    assert r["eval_sequences"] == 32 and r["mechanism"] == induction.mechanism_check(target, 32)  # --eval_batch's
+    assert r["oracle_kl"] == induction.oracle_kl(target, 32)                                      # count, too
+    # the decomposition reloads against the cached target and gives the same faithfulness
     s, cfg = spd.load(tmp_path / "spd.pt", target)
     assert spd.faithfulness_loss(s).item() == pytest.approx(r["metrics"]["L_faithful"], rel=1e-5)
     # L_recon, and the per-matrix layerwise KLs' mean, are the losses spd.reconstruction_losses gives
@@ -1750,6 +1787,9 @@ BAD_INDUCTION = {  # case -> (extra argv, expected message, file to break first)
     "bench_garbage": (["--bench", "--bench_against={d}/bad_target.pt"], r"bad_target.pt is not an importable spd.py", "bad_target.pt:garbage"),
     "bench_not_spd": (["--bench", "--bench_against={d}/other.py"], r"other.py is not an importable spd.py \(AttributeError\)", "other.py:python"),
     "bench_training_flag": (["--bench", "--C=3"], r"--C does nothing with --bench; it takes --bench_against, --device", None),
+    "table2_training_flag": (["--table2", "--preset=paper"], r"--preset does nothing with --table2; it takes --ci_causal, --device", None),
+    "target_training_flag": (["--train-target", "--lr=0.5"], r"--lr does nothing with --train-target; it takes --device, --preset, --seed, --target_batch_size", None),
+    "svd_threshold": (["--svd-baseline", "--threshold=0.5"], r"--threshold does nothing with --svd-baseline: Figure 2's SPD rows use the thresholds 0, 0.01", None),
     "table1_other_run": (["--table1", "--steps=7"], r"spd.pt was made with --steps=6, not 7: drop --steps, or pass the --out_dir of the run", None),
     "svd_other_run": (["--svd-baseline", "--seed=3"], r"spd.pt was made with --seed=0, not 3", None),
     "table1_missing_target": (["--table1", "--target_path={d}/typo.pt"], r"--target_path=.*typo.pt is not there: a saved run needs the target it was made with", None),
@@ -1761,6 +1801,7 @@ BAD_INDUCTION = {  # case -> (extra argv, expected message, file to break first)
     "table1_of_a_table_only": (["--table1", "--out_dir={d}/t1only"], r"t1only/spd.pt, which is not there: it holds table1.json only: run the decomposition again", "t1only/table1.json:table1"),
     "unfinished_target": (["--target_path={d}/half.pt", "--out_dir={d}/new"], r"half.pt is an unfinished target \(step 5\): finish it with --train-target", "half.pt:unfinished"),
     "half_target_other_recipe": (["--train-target", "--target_path={d}/half.pt", "--target_lr=0.05"], r"half.pt is a target half-trained with --target_lr=0.01, not 0.05", "half.pt:unfinished"),
+    "target_path_folder": (["--target_path={d}/newtarget/"], r"--target_path=.*newtarget/ is out of range: it must be a file's path, not a folder", None),
     "half_target_no_steps_left": (["--train-target", "--target_path={d}/half.pt", "--target_steps=3"], r"half.pt is at step 5 already: pass a --target_steps above it", "half.pt:unfinished"),
 }
 
@@ -1789,9 +1830,7 @@ def test_bad_input_never_loses_work(case, finished_runs, capsys):
             corrupt(d / name, how)
     before = {sub: snapshot(d / sub) for sub in ["", "cut", "foreign"] if (d / sub).exists()}
     extra = [e.format(d=d) for e in extra]
-    bench = [f"--target_path={d}/target.pt", f"--out_dir={d}", "--threads=1", "--device=cpu"]
-    code = induction.cli(bench + extra if extra[:1] == ["--bench"] and "--C=3" not in extra
-                         else induction_argv(d, *extra))    # (--bench takes no training settings)
+    code = induction.cli(induction_argv(d, *extra))
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and err[0].startswith("error: "), err
     assert re.search(message, err[0]), err[0]
@@ -1879,6 +1918,17 @@ def test_facts_garbage_tiny_cache(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "tiny.pt is not a readable tiny model cache" in err
     assert bad.read_bytes() == b"garbage"
+    torch.save({"model": {}, "config": {"note": "my own model"}}, bad)  # a file of another program
+    before = bad.read_bytes()
+    with pytest.raises(SystemExit):
+        gpt2_facts.main(["--model=tiny", f"--tiny_path={bad}", f"--out_dir={tmp_path}"])
+    assert "tiny.pt is no tiny model cache: it has no 'sentences'" in capsys.readouterr().err
+    assert bad.read_bytes() == before                                  # not retrained over
+    for folder in [f"{tmp_path}/new/", str(tmp_path)]:                 # a folder: before any training
+        with pytest.raises(SystemExit):
+            gpt2_facts.main(["--model=tiny", f"--tiny_path={folder}", f"--out_dir={tmp_path}/o"])
+        assert "must be a file's path, not a folder" in capsys.readouterr().err
+    assert not os.path.exists(f"{tmp_path}/new")
 
 
 def test_every_config_field_has_a_rule():
@@ -1918,8 +1968,8 @@ def test_resume_is_exact_and_checked(tmp_path, ctrl_c_fails):
         run(cfg)
     with pytest.raises(spd.SPDError, match="saved with --lr=0.01, not 0.02"):
         run(dataclasses.replace(cfg, resume=True, lr=2e-2))
-    with pytest.raises(spd.SPDError, match="ckpt.pt was made by an SPDModel with causal=True, not False: "
-                                           "build it as then, or delete it to start again"):
+    with pytest.raises(spd.SPDError, match="ckpt.pt was saved with --ci_causal=True, not False: resume "
+                                           "with the same config, or delete it to start again"):
         run(dataclasses.replace(cfg, resume=True, ci_causal=False))    # (a model built otherwise)
     resumed, hist2 = run(dataclasses.replace(cfg, resume=True, checkpoint_every=3))  # (RUN_ONLY)
     for (n, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):

@@ -875,8 +875,8 @@ def main(argv):
         raise spd.SPDError(f"{what}; modes: {' '.join(MODES)}; settings: --key=value")
     cfg, preset = parse_config([a for a in argv if a not in modes])
     given = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and "=" in a]
-    takes = MODE_KEYS.get(modes[0] if modes else None, set(given))
-    if set(given) - takes:                            # (--bench and --table2 time fixed configs)
+    takes = MODE_KEYS.get(modes[0]) if modes else None   # (--bench and --table2 time fixed configs)
+    if takes is not None and set(given) - takes:
         raise spd.SPDError(f"--{sorted(set(given) - takes)[0]} does nothing with {modes[0]}; it "
                            f"takes {', '.join('--' + k for k in sorted(takes))}")
     if "--svd-baseline" in modes and "threshold" in given:

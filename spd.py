@@ -753,9 +753,9 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
 # -----------------------------------------------------------------------------
 # 7. Save / load
 
-def target_identity(spd):
-    """Shape and SHA-256 of every decomposed target weight: a fingerprint of the target."""
-    digest = lambda W: hashlib.sha256(W.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+def target_identity(spd, dtype=None):
+    """Shape and SHA-256 of every decomposed target weight (as `dtype`): a fingerprint of the target."""
+    digest = lambda W: hashlib.sha256(W.detach().to("cpu", dtype).contiguous().numpy().tobytes()).hexdigest()
     return {n: [list(l.W.shape), digest(l.W)] for n, l in spd.layers.items()}
 
 
@@ -763,7 +763,7 @@ FORMAT = 2  # version of the files written below (2: a scalar/vector CI lost .ga
 
 
 def _restore(spd, path, ckpt):
-    mine = target_identity(spd)
+    mine = target_identity(spd, next(iter(ckpt["state"].values())).dtype)  # (float64 of the same: same)
     for name, (shape, digest) in ckpt["identity"].items():
         if mine.get(name) != [shape, digest]:
             raise SPDError(f"{path} was made for a different target: layer {name!r} differs "
@@ -801,6 +801,10 @@ def load(path, target):
     """(SPDModel on `target`, saved config) from a file written by `save`."""
     ckpt = read_file(path, "decomposition", "train one first (or delete the file and retrain)",
                      keys=("spec", "identity", "state"))
+    missing = [n for n in ckpt["identity"] if n not in dict(target.named_modules())]
+    if missing:
+        raise SPDError(f"{path} was made for a different target: it decomposes {missing[0]!r}, which "
+                       f"this model does not have; pass the target it was made for")
     spd = SPDModel(target, **ckpt["spec"])
     _restore(spd, path, ckpt)
     return spd, ckpt["config"]
@@ -862,12 +866,15 @@ def mean_l0(g, weight=None, threshold=0.0):
 def apply_overrides(cfg, args):
     """Apply '--key=value' strings to a dataclass config; unknown keys and bad values are errors."""
     fields = {f.name: f for f in dataclasses.fields(cfg)}
-    for arg in args:
-        key, eq, value = arg.removeprefix("--").partition("=")
+    keys = [a.removeprefix("--").partition("=")[0] for a in args]
+    for arg, key in zip(args, keys):
+        _, eq, value = arg.partition("=")
         if not arg.startswith("--") or not eq:
             raise SPDError(f"bad argument {arg!r}: use --key=value")
         if key not in fields:
             raise SPDError(f"unknown config key {key!r}; known: {', '.join(fields)}")
+        if keys.count(key) > 1:                       # (else the last would win unseen)
+            raise SPDError(f"--{key} given {keys.count(key)} times; pass it once")
         value = os.path.expanduser(value)             # a leading ~ (no shell expands it after =)
         kind = _kind(cfg, key) or type(getattr(cfg, key))
         try:
@@ -1033,6 +1040,8 @@ def atomic_write(path, obj):
     path, so a run killed while writing leaves the previous file whole. obj: a function that
     writes a file of the name it is given (fig.savefig, lambda f: torch.save(x, f)), or what
     json.dumps takes (written as JSON)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise SPDError(f"a path must be a str or os.PathLike, got {type(path).__name__}")
     make_dir(os.path.dirname(path), path)
     if os.path.isdir(path):
         raise SPDError(f"{path} is a folder: give a file name")
@@ -1049,6 +1058,8 @@ def atomic_write(path, obj):
 def read_file(path, what, fix, keys=()):
     """torch.load(path) (tensors only), or a one-line SPDError naming the file, the fault and
     the fix: missing, unreadable (truncated, garbage) or lacking `keys`."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise SPDError(f"the {what}'s path must be a str or os.PathLike, got {type(path).__name__}")
     if not os.path.exists(path):
         raise SPDError(f"{path}: no {what} there; {fix}")
     try:

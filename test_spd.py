@@ -890,6 +890,19 @@ def test_save_load_roundtrip_and_mismatch(tmp_path):
         spd.load(path, tiny(seed=1))
     with pytest.raises(spd.SPDError, match="no decomposition there"):
         spd.load(tmp_path / "missing.pt", m)
+    with pytest.raises(spd.SPDError, match="made for a different target: it decomposes 'blocks.0.attn.q_proj', "
+                                           "which this model does not have"):   # (e.g. gpt2_facts' run)
+        spd.load(path, nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(spd.SPDError, match="the decomposition's path must be a str or os.PathLike, got NoneType"):
+        spd.load(None, m)
+    with pytest.raises(spd.SPDError, match="a path must be a str or os.PathLike, got NoneType"):
+        spd.save(s, None)
+    s64, _ = spd.load(path, copy.deepcopy(m).double())   # the same target in float64: its U, V, γ
+    assert all(p.dtype == torch.float64 for p in s64.trainable_parameters())
+    for a, b in zip(s.trainable_parameters(), s64.trainable_parameters()):
+        assert torch.equal(a.double(), b)
+    with pytest.raises(spd.SPDError, match="different target"):
+        spd.load(path, tiny(seed=1).double())
 
 
 def test_load_reads_the_vector_ci_layout_of_older_files(tmp_path):
@@ -1402,14 +1415,15 @@ def test_presets():
 # induction.py
 
 def induction_argv(tmp_path, *extra):
-    """Small settings, and extra; with --bench, --table2 or --train-target only the settings the mode
-    reads (it refuses the others), and extra."""
+    """Small settings, and extra (which replaces a setting it repeats: a flag given twice is refused);
+    with --bench, --table2 or --train-target only the settings the mode reads (it refuses the others)."""
     argv = ["--steps=6", "--batch_size=8", "--eval_batch=32", "--C=8", "--d_gate=4",
             "--target_steps=40", "--target_batch_size=32", "--faithfulness_warmup_steps=5",
             "--threads=1", "--log_every=3", "--device=cpu", f"--target_path={tmp_path}/target.pt",
             f"--out_dir={tmp_path}"]
     takes = next((induction.MODE_KEYS[e] for e in extra if e in induction.MODE_KEYS), None)
-    return [a for a in argv if takes is None or a[2:].split("=")[0] in takes] + list(extra)
+    key = lambda a: a[2:].split("=")[0]
+    return [a for a in argv if (takes is None or key(a) in takes) and key(a) not in map(key, extra)] + list(extra)
 
 
 def test_train_target_prints_the_mechanism_and_the_oracle(tmp_path, capsys):
@@ -1781,6 +1795,7 @@ BAD_INDUCTION = {  # case -> (extra argv, expected message, file to break first)
     "two_modes": (["--table1", "--svd-baseline"], r"--table1 and --svd-baseline: one mode at a time", None),
     "unknown_mode": (["--svd_baseline"], r"unknown mode --svd_baseline; modes: --table1", None),
     "two_presets": (["--preset=paper", "--preset=cpu"], r"--preset given 2 times", None),
+    "repeated_key": (["--steps=3", "--lr=1", "--steps=4"], r"--steps given 2 times; pass it once", None),
     "truncated_spd": (["--svd-baseline", "--out_dir={d}/cut"], r"spd.pt is not a readable decomposition", "cut/spd.pt:truncate"),
     "spd_other_target": (["--svd-baseline", "--out_dir={d}/foreign"], r"spd.pt was made for a different target", "foreign/spd.pt:other"),
     "bench_missing": (["--bench", "--bench_against={d}/none.py"], r"--bench_against=.*none.py is out of range: it must be an existing spd.py file", None),
@@ -1986,8 +2001,9 @@ def test_run_only_fields_exist():
 def test_ctrl_c_then_resume(tmp_path):
     """SIGINT to a running `python induction.py`, then --resume=true: the same decomposition."""
     import signal
-    argv = induction_argv(tmp_path, "--steps=300", "--log_every=1", "--checkpoint_every=0")
-    assert induction.cli(argv[:-1] + [f"--out_dir={tmp_path}/whole"]) == 0  # also trains the target
+    flags = "--steps=300", "--log_every=1", "--checkpoint_every=0"
+    argv = induction_argv(tmp_path, *flags)
+    assert induction.cli(induction_argv(tmp_path, *flags, f"--out_dir={tmp_path}/whole")) == 0  # trains the target
     proc = subprocess.Popen([sys.executable, "induction.py", *argv], cwd=os.path.dirname(
         os.path.abspath(__file__)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -1998,7 +2014,7 @@ def test_ctrl_c_then_resume(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and err.strip().startswith("error: interrupted after step"), err
     assert "Traceback" not in err and (tmp_path / "checkpoint.pt").exists()
-    assert induction.cli(argv + ["--resume=true", "--eval_batch=16"]) == 0  # (evaluation only)
+    assert induction.cli(induction_argv(tmp_path, *flags, "--resume=true", "--eval_batch=16")) == 0  # (evaluation only)
     assert not (tmp_path / "checkpoint.pt").exists()
     a = torch.load(tmp_path / "spd.pt", weights_only=True)["state"]
     b = torch.load(tmp_path / "whole" / "spd.pt", weights_only=True)["state"]

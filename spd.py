@@ -683,6 +683,7 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
     the history: the loss terms and mean L0 per layer, one dict per log line."""
     from tqdm import tqdm
     check_config(dataclasses.replace(cfg, device="cpu"))       # (train reads no device)
+    _plain(dataclasses.asdict(cfg))                            # (it must save: before, not after)
     built = dict(C=spd.spec["C"], ci=spd.spec["ci"], d_gate=spd.spec["d_gate"],
                  ci_causal=spd.spec["causal"])
     for k in [k for k, v in built.items() if getattr(cfg, k) != v][:1]:  # (else the saved config lies)
@@ -793,8 +794,16 @@ def save(spd, path, config=None, **more):
 
 
 def _plain(config):
-    """config through JSON (what it cannot hold, e.g. a Path, as str): weights_only loads it."""
-    return json.loads(json.dumps(config, default=str))
+    """config through JSON, so weights_only loads it: numpy's numbers as numbers, a Path as str,
+    anything else JSON cannot hold an SPDError (not its str: the loaded config would lie)."""
+    def plain(v):
+        if isinstance(v, os.PathLike):
+            return os.fspath(v)
+        if isinstance(v, numbers.Real):
+            return int(v) if isinstance(v, numbers.Integral) else float(v)
+        raise SPDError(f"the config holds {repr(v)[:40]}, a {type(v).__name__}, which a saved file "
+                       f"cannot hold: use numbers, strings, lists and dicts")
+    return json.loads(json.dumps(config, default=plain))
 
 
 def load(path, target):

@@ -864,9 +864,20 @@ def test_save_load_roundtrip_and_mismatch(tmp_path):
     @dataclasses.dataclass
     class MyConfig(spd.Config):                     # a field torch.load(weights_only=True) refuses
         out_dir: pathlib.Path = pathlib.Path("runs")
-    spd.save(s, path, MyConfig(C=3))
+    import numpy as np
+    spd.save(s, path, MyConfig(C=3, lr=np.float32(0.5), steps=np.int64(7)))
     s2, cfg = spd.load(path, m)
-    assert cfg["C"] == 3 and cfg["out_dir"] == "runs"
+    assert cfg["C"] == 3 and cfg["out_dir"] == "runs" and (cfg["lr"], cfg["steps"]) == (0.5, 7)  # not '0.5'
+
+    @dataclasses.dataclass
+    class Tagged(spd.Config):                       # a field JSON cannot hold: refused, not its str
+        tags: set = dataclasses.field(default_factory=lambda: {"a"})
+    message = r"the config holds \{'a'\}, a set, which a saved file cannot hold"
+    with pytest.raises(spd.SPDError, match=message):
+        spd.save(s, tmp_path / "tagged.pt", Tagged(C=3))
+    with pytest.raises(spd.SPDError, match=message):             # before training, not after it
+        spd.train(s, Tagged(C=3, ci="attention", d_gate=4, steps=1), lambda: 1 / 0, log=None)
+    assert not (tmp_path / "tagged.pt").exists()
     cfg = MyConfig(C=3)
     spd.save_checkpoint(str(tmp_path / "ckpt.pt"), s, spd.make_optimizer(s, cfg), cfg, 0, [])
     s4 = spd.SPDModel(m, "blocks.*.attn.q_proj", C=4, ci="attention", d_gate=4, max_seq_len=6)

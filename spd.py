@@ -756,7 +756,8 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
 
 def target_identity(spd, dtype=None):
     """Shape and SHA-256 of every decomposed target weight (as `dtype`): a fingerprint of the target."""
-    digest = lambda W: hashlib.sha256(W.detach().to("cpu", dtype).contiguous().numpy().tobytes()).hexdigest()
+    raw = lambda W: W.detach().to("cpu", dtype).contiguous().view(torch.uint8).numpy()  # (bf16 too)
+    digest = lambda W: hashlib.sha256(raw(W)).hexdigest()
     return {n: [list(l.W.shape), digest(l.W)] for n, l in spd.layers.items()}
 
 

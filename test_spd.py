@@ -914,6 +914,10 @@ def test_save_load_roundtrip_and_mismatch(tmp_path):
         assert torch.equal(a.double(), b)
     with pytest.raises(spd.SPDError, match="different target"):
         spd.load(path, tiny(seed=1).double())
+    half = spd.SPDModel(copy.deepcopy(m).bfloat16(), "blocks.*.attn.q_proj", C=3, ci="vector", d_gate=4)
+    spd.save(half, tmp_path / "bf16.pt")                      # (numpy has no bfloat16: it once failed)
+    assert spd.load(tmp_path / "bf16.pt", copy.deepcopy(m).bfloat16())[0].layers["blocks.0.attn.q_proj"].V.dtype \
+        == torch.bfloat16
 
 
 def test_load_reads_the_vector_ci_layout_of_older_files(tmp_path):

@@ -1449,6 +1449,24 @@ def test_train_target_prints_the_mechanism_and_the_oracle(tmp_path, capsys):
     assert f"oracle_kl {got['oracle_kl']:.4g}" in capsys.readouterr().out
 
 
+def test_table2_and_bench_run(tmp_path, monkeypatch, capsys):
+    """--table2 and --bench end to end, one timed step each (their timing loops are shortened):
+    rows for every variant, files written, and --bench_against runs another spd.py beside ours."""
+    monkeypatch.setattr(induction, "table2", functools.partial(induction.table2, repeats=1))
+    monkeypatch.setattr(induction, "bench", functools.partial(induction.bench, steps=1))
+    rows = induction.main(induction_argv(tmp_path, "--table2", "--max_memory_gb=0.5"))
+    assert all(isinstance(rows[k][0], float) and rows[k][0] > 0 for k in ["Scalar", "Vector", "Attention (no flex)"])
+    assert rows["Vector"][1].startswith("needs ~1 GB") and rows["Attention (flex)"][0] == "no backward on CPU"
+    assert "Table 2: iterations per second" in capsys.readouterr().out
+    assert json.load(open(next(tmp_path.glob("table2_*.json"))))["it_per_s"] == rows
+    shutil.copy(spd.__file__, tmp_path / "old_spd.py")
+    rows = induction.main(induction_argv(tmp_path, "--bench", f"--bench_against={tmp_path}/old_spd.py"))
+    assert sorted(rows) == sorted(f"{ci} CI, {v}" for ci in ["vector", "attention"]
+                                  for v in ["spd.py", f"{tmp_path}/old_spd.py"])
+    assert all(v > 0 for v in rows.values()) and "ms/step" in capsys.readouterr().out
+    assert json.load(open(next(tmp_path.glob("bench_*.json"))))["ms_per_step"] == rows
+
+
 def test_induction_script_smoke(tmp_path, capsys):
     r = induction.main(induction_argv(tmp_path))
     out = capsys.readouterr().out

@@ -668,10 +668,12 @@ def save_figure2(r, path):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([p["pieces"] for p in r["spd"]], [p["kl"] for p in r["spd"]], "o-", label="SPD")
     ax.plot([p["pieces"] for p in r["svd"]], [p["kl"] for p in r["svd"]], "s-", label="greedy SVD")
-    ax.set(xlabel="rank-1 pieces", ylabel="KL (final token)", yscale="symlog")
+    ax.axhline(0.01, linestyle="--", color="gray", label="KL 0.01 (the comparison)")
+    ax.set(xlabel="rank-1 pieces", ylabel="KL (final token)", yscale="log")  # (symlog: all < 2 at 0)
     ax.legend()
     fig.tight_layout()
     spd.atomic_write(path, fig.savefig)
+    plt.close(fig)
     return True
 
 

@@ -1467,6 +1467,17 @@ def test_table2_and_bench_run(tmp_path, monkeypatch, capsys):
     assert json.load(open(next(tmp_path.glob("bench_*.json"))))["ms_per_step"] == rows
 
 
+def test_figure2_png(tmp_path):
+    """Where matplotlib is installed (it is optional: skipped without it), a PNG is written, a KL
+    of 0 included, and its figure closed."""
+    pytest.importorskip("matplotlib")
+    r = {"spd": [{"pieces": 18.2, "kl": 1.8e-4}, {"pieces": 15.3, "kl": 0.64}],
+         "svd": [{"pieces": 22, "kl": 4.5e-7}, {"pieces": 20, "kl": 0.0}]}
+    assert induction.save_figure2(r, str(tmp_path / "figure2.png"))
+    import matplotlib.pyplot as plt
+    assert (tmp_path / "figure2.png").stat().st_size > 1000 and not plt.get_fignums()   # (closed)
+
+
 def test_induction_script_smoke(tmp_path, capsys):
     r = induction.main(induction_argv(tmp_path))
     out = capsys.readouterr().out

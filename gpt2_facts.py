@@ -692,7 +692,8 @@ def run(cfg):
     # 1) the target, and a check that it predicts both facts
     model, tokenizer = load_model(cfg.model, cfg.device, cfg.tiny_path)
     edit_layers = spd.match_modules(model, cfg.edit_patterns)      # (bad patterns: before any work)
-    missing = [n for n in edit_layers if n not in spd.match_modules(model, cfg.patterns)]
+    decomposed = spd.match_modules(model, cfg.patterns)
+    missing = [n for n in edit_layers if n not in decomposed]
     if missing:
         raise spd.SPDError(f"--edit_patterns names {missing[0]!r}, which --patterns does not decompose")
     n_params = sum(p.numel() for p in model.parameters())

@@ -811,7 +811,8 @@ def load(path, target):
     """(SPDModel on `target`, saved config) from a file written by `save`."""
     ckpt = read_file(path, "decomposition", "train one first (or delete the file and retrain)",
                      keys=("spec", "identity", "state"))
-    missing = [n for n in ckpt["identity"] if n not in dict(target.named_modules())]
+    have = dict(target.named_modules())
+    missing = [n for n in ckpt["identity"] if n not in have]
     if missing:
         raise SPDError(f"{path} was made for a different target: it decomposes {missing[0]!r}, which "
                        f"this model does not have; pass the target it was made for")
@@ -876,9 +877,9 @@ def mean_l0(g, weight=None, threshold=0.0):
 def apply_overrides(cfg, args):
     """Apply '--key=value' strings to a dataclass config; unknown keys and bad values are errors."""
     fields = {f.name: f for f in dataclasses.fields(cfg)}
-    keys = [a.removeprefix("--").partition("=")[0] for a in args]
-    for arg, key in zip(args, keys):
-        _, eq, value = arg.partition("=")
+    parts = [a.removeprefix("--").partition("=") for a in args]      # (key, "=", value)
+    keys = [key for key, _, _ in parts]
+    for arg, (key, eq, value) in zip(args, parts):
         if not arg.startswith("--") or not eq:
             raise SPDError(f"bad argument {arg!r}: use --key=value")
         if key not in fields:

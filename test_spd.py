@@ -981,6 +981,8 @@ def test_bad_api_input_is_a_one_line_error(tmp_path):
         with pytest.raises(spd.SPDError, match=re.escape(f"must be integers >= 1, got C={C!r}, d_gate={d_gate!r}, "
                                                          f"max_seq_len={S!r}")):
             spd.SPDModel(m, "blocks.0.attn.q_proj", C=C, d_gate=d_gate, max_seq_len=S, ci="attention")
+    with pytest.raises(spd.SPDError, match=r"the attention CI needs max_seq_len \(the longest sequence"):
+        spd.SPDModel(m, "blocks.0.attn.q_proj", C=2, d_gate=2, ci="attention")
     s = spd.SPDModel(m, "blocks.0.attn.q_proj", C=2, ci="vector", d_gate=2)
     before = [p.clone() for p in s.trainable_parameters()]
     for bad, message in [(dict(lr=-1e-3), "--lr=-0.001 is out of range: it must be > 0 and finite"),
@@ -1066,6 +1068,34 @@ def test_gpt2_random_skips_the_analyses(tmp_path, monkeypatch, capsys):
     assert "no matplotlib" not in printed and "zero_mlp" not in res
     assert res["training"]["steps"] == 2 and "suppression" not in res and "claim" not in res
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(res))
+
+
+def test_facts_ctrl_c_then_resume(tmp_path, monkeypatch, capsys, ctrl_c_fails):
+    """Ctrl-C while gpt2_facts trains saves a checkpoint; --resume=true finishes the run, writes
+    results.json and spd.pt, and deletes the checkpoint (results.json holds the run)."""
+    import signal
+    monkeypatch.setattr(gpt2_facts, "GPT2Config",
+                        lambda **kw: GPT2Config(**kw, n_layer=1, n_embd=16, n_head=2, n_positions=32))
+    step, calls = spd.training_step, []
+
+    def interrupted(*a, **kw):                     # calls 1-3: gpt2_facts' timing; 4: step 0
+        calls.append(1)
+        if len(calls) == 5:
+            signal.raise_signal(signal.SIGINT)      # Ctrl-C during step 1
+        return step(*a, **kw)
+    monkeypatch.setattr(spd, "training_step", interrupted)
+    argv = ["--model=gpt2-random", "--preset=tiny", "--steps=4", "--C=4", "--d_gate=2", "--log_every=1",
+            "--threads=1", f"--out_dir={tmp_path}", "--ci_causal=false"]
+    with pytest.raises(SystemExit):
+        gpt2_facts.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(r"interrupted after step 1; saved .*checkpoint.pt: continue with "
+                                       r"--resume=true", err[0]), err
+    assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "results.json").exists()
+    res = gpt2_facts.main(argv + ["--resume=true"])
+    assert [row["step"] for row in res["training"]["history"]] == [0, 1, 2, 3]
+    assert not (tmp_path / "checkpoint.pt").exists() and (tmp_path / "spd.pt").exists()
+    assert json.loads((tmp_path / "results.json").read_text())["training"]["steps"] == 4
 
 
 def test_tiny_end_to_end_outputs(tmp_path, monkeypatch, capsys):
@@ -1861,6 +1891,7 @@ BAD_INDUCTION = {  # case -> (extra argv, expected message, file to break first)
     "unfinished_target": (["--target_path={d}/half.pt", "--out_dir={d}/new"], r"half.pt is an unfinished target \(step 5\): finish it with --train-target", "half.pt:unfinished"),
     "half_target_other_recipe": (["--train-target", "--target_path={d}/half.pt", "--target_lr=0.05"], r"half.pt is a target half-trained with --target_lr=0.01, not 0.05", "half.pt:unfinished"),
     "target_path_folder": (["--target_path={d}/newtarget/"], r"--target_path=.*newtarget/ is out of range: it must be a file's path, not a folder", None),
+    "finished_target": (["--train-target", "--target_path={d}/target.pt"], r"target.pt holds a finished target; pass another --target_path", None),
     "half_target_no_steps_left": (["--train-target", "--target_path={d}/half.pt", "--target_steps=3"], r"half.pt is at step 5 already: pass a --target_steps above it", "half.pt:unfinished"),
 }
 

@@ -29,7 +29,7 @@ The models, all `transformers.GPT2LMHeadModel` with the same Conv1D module paths
     "gpt2"         the real GPT-2-small (cached hub weights, or a local folder path)
     "tiny"         a 4-layer GPT-2 (d_model 64, MLP ratio 4) with a sub-word tokenizer in which
                    every athlete's name is four pieces shared with other athletes of other
-                   sports ("K|obe| Bry|ant"), trained here in ~40 s on 128 athlete -> sport
+                   sports ("K|obe| Bry|ant"), trained here in 20-40 s on 128 athlete -> sport
                    facts, the 100 facts and the reversed prompt: runs offline (TINY_CONFIG)
     "gpt2-random"  GPT-2-small shapes, random weights: only for memory/speed checks on a GPU
 Left out: the paper's full 100-fact set is unpublished; we use its 30-sentence excerpt verbatim
@@ -38,7 +38,7 @@ plus 70 of our own in the same style. Causal tracing (A.3.2, Figures 7-8) is not
 Run:  python gpt2_facts.py                 (real GPT-2, paper preset; needs the weights, and in
                                             practice a big GPU: U, V and the CI MLPs are 3.3 B
                                             parameters, ~49 GiB with gradients and AdamW state)
-      python gpt2_facts.py --model=tiny    (fully offline, tiny preset, ~4 min on one core)
+      python gpt2_facts.py --model=tiny    (fully offline, tiny preset, 2.5-5 min on one core)
       python gpt2_facts.py --model=gpt2-random --steps=200   (speed and memory at full size)
       any FactsConfig field as --key=value, e.g. --steps=500 --C=32 --threshold=0.1
 
@@ -348,7 +348,7 @@ def _hub_reachable(timeout=2.0):
 #   n_layer 4     a few blocks, so that "an early MLP" and "a later MLP" are different places
 #                 (GPT-2's facts are editable in MLPs 0-5 of 12, A.3.2); 4 blocks are 16 matrices
 #                 to decompose, which still fits the 5-minute budget (8 blocks would not)
-#   n_embd 64     the tokens (~250) and facts (~230) are few; C = d_model as in the paper
+#   n_embd 64     the tokens (434) and facts (~230) are few; C = d_model as in the paper
 #   n_head 4      heads of 16 (GPT-2: d_model / 64 heads; one head of 64 would leave a single
 #                 attention pattern per layer to gather the name pieces)
 #   n_inner 256   MLP ratio 4, GELU, LayerNorm, learned positions, tied embeddings: GPT-2's own
@@ -671,7 +671,7 @@ def sport_and_facts(model, tokenizer):
 # the experiment
 
 def run(cfg):
-    """Decompose the target over the two athlete facts, run analyses 1-6, write results.json.
+    """Decompose the target over the two athlete facts, run analyses 0-7, write results.json.
     Returns the results dict."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -775,7 +775,7 @@ def run(cfg):
     return res
 
 def analyses(model, s, x, weight, tokens, tokenizer, edit_layers, P0, cfg):
-    """Analyses 1 and 3-7 of the module docstring on the trained decomposition s; a dict."""
+    """Analyses 1-7 of the module docstring on the trained decomposition s; a dict."""
     res = {"config": dataclasses.asdict(cfg)}                         # (report_claim reads it)
     g = spd.causal_importances(s, x)                                 # {layer: (B, S, C)}
     order = [n for n, _ in model.named_modules() if n in g]          # block by block

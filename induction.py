@@ -20,7 +20,8 @@ follow Table 3 and Sec. 6.1 (Shortformer: on the Q and K inputs; the official ex
 them after the projections, which leaves layer 0's W_Q unused, see Attention). The target used
 by default, `induction_target.pt`, was trained with Table 3's recipe exactly (100k steps, batch
 1024, AdamW lr 1e-3, weight decay 0.01, warmup 1000; on a GPU) by
-`python induction.py --preset=paper --train-target --seed=5`; without that file, the cpu
+`python induction.py --preset=paper --train-target --seed=5 --target_eval_every=2500
+--target_path=induction_target.pt` (the file records it); without that file, the cpu
 preset trains a faster stand-in (batch 256, lr 1e-2, until 99.5% held-out accuracy).
 
 Run:  python induction.py [--preset=cpu|paper] [--key=value ...]   Table 1
@@ -28,7 +29,7 @@ Run:  python induction.py [--preset=cpu|paper] [--key=value ...]   Table 1
       python induction.py --table1 --eval_batch=8192                Table 1 again, on more sequences
       python induction.py --table2                                  Table 2
       python induction.py --bench [--bench_against=OLD/spd.py]      ms per step (our speed check)
-      python induction.py --preset=paper --train-target             the target, Table 3 exactly
+      python induction.py --preset=paper --train-target --target_path=NEW.pt   the target, Table 3 exactly
 
 Dimensions: B batch, S sequence, d d_model, V vocabulary, C subcomponents per matrix.
 """
@@ -707,7 +708,7 @@ ANCHOR = dict(C=100, d_gate=16, n_mask_samples=1, beta_layerwise_recon=0.0)
 
 
 def anchor_config(module, ci, batch_size, device):
-    """The config Table 2 and our speed work time (MEASURED.md's anchor): C 100, D_gate 16, one
+    """The config Table 2 and our speed work time (the README's "Step time" anchor): C 100, D_gate 16, one
     mask sample, the losses faithfulness, recon, stochastic recon, stochastic layerwise recon
     and minimality with Table 4's betas (module.Config's defaults). module: spd, or another
     commit's spd.py (see bench)."""

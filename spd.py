@@ -21,8 +21,7 @@ batch dimension so that many masked forwards run as one.
 
 Left out: what the paper does not use (other CI variants, distributed training, tracking), and
 Sec. 5.2's orthogonal projection of subcomponents, which is in gpt2_facts.py beside its use.
-Run `python induction.py` (Table 1) or `python gpt2_facts.py --model=tiny`. Needs torch, numpy
-(saving) and tqdm (training's progress bar).
+Run `python induction.py` (Table 1) or `python gpt2_facts.py --model=tiny`. Needs torch, numpy, tqdm.
 """
 import contextlib
 import copy

@@ -482,13 +482,16 @@ CIRCUIT = {"Q0": "m", "K0": "s1", "V0": "s1", "Q1": "s2", "K1": "m", "V1": "m"}
 
 
 @torch.no_grad()
-def oracle_kl(target, n=1024, seed=EVAL_SEED + 5, ranks=None, draws=0, basis="svd", attention=False):
+def oracle_kl(target, n=1024, seed=EVAL_SEED + 5, ranks=None, draws=0, basis="svd", attention=False,
+              everywhere=()):
     """Can the target support Table 1 at all? (A check of ours, not in the paper.)
 
     Each of Q0..V1 is cut into d rank-1 pieces (U V = W); the first ranks[matrix] of them
     (default: all d) are on (alpha = 1) only at the matrix's position in CIRCUIT, every other
     piece is off (alpha = 0). Returns the final-token KL(target || that model) on n fresh
     sequences. Near 0 with every rank full: the paper's circuit is all the target uses.
+    everywhere: matrices (e.g. ["K0"]) kept whole at every position instead: which matrix's use
+    outside the circuit costs the KL (README, "Which positions").
     draws > 0: the pieces that are off get SPD's stochastic masks instead, alpha = u ~ U(0, 1)
     (Sec. 4 with g = 0), as the stochastic losses see them; the mean KL of `draws` (seeded) samples.
     basis: the pieces are W's singular directions ("svd"), or those of W in the norm of the
@@ -498,6 +501,8 @@ def oracle_kl(target, n=1024, seed=EVAL_SEED + 5, ranks=None, draws=0, basis="sv
     metrics: (KL, {"layer1_query_m": ..., "layer2_query_s2": ...}) (what the circuit alone scores)."""
     if basis not in ("svd", "data"):
         raise spd.SPDError(f"unknown basis {basis!r}: use svd or data")
+    if set(everywhere) - MATRICES.keys():
+        raise spd.SPDError(f"oracle_kl: everywhere={everywhere!r}; name matrices from {', '.join(MATRICES)}")
     if attention and draws:
         raise spd.SPDError("oracle_kl: attention=True needs draws=0 (the attention of one model)")
     cfg, device = target.config, next(target.parameters()).device
@@ -520,6 +525,8 @@ def oracle_kl(target, n=1024, seed=EVAL_SEED + 5, ranks=None, draws=0, basis="sv
         layer.V.copy_(Vh @ inv_root)                                  # ... (Vh[c] Σ^-½)
         g[name] = torch.zeros(n, S, d, device=device)                 # (B, S, C)
         g[name][b, at, :(ranks or {}).get(short, d)] = 1.0
+        if short in everywhere:                                       # whole, at every position
+            g[name][:] = 1.0
     target_logits = target_logits[:, -1]
     if not draws:
         with s.masked(g) as model:

@@ -1750,6 +1750,11 @@ def test_oracle_pieces_on_the_committed_target():
         assert kl("data", 0, **{m: 1}) < 1e-4
     assert kl("svd", 4, V0=1, Q1=1, K1=1) < 1e-5
     assert kl("svd", 0, Q0=0) > 1e-2                                             # Q0 is needed
+    on = lambda *names: induction.oracle_kl(target, 512, everywhere=names)       # whole everywhere:
+    assert on() == kl("svd", 0) and on(*induction.MATRICES) < 1e-9               # all six: the target
+    assert on("K0") < 2e-5 < on("K1")                # K0 at m is what the circuit's 2e-4 lacks (README)
+    with pytest.raises(spd.SPDError, match="everywhere='K0'; name matrices from Q0, K0"):
+        induction.oracle_kl(target, 8, everywhere="K0")
     with pytest.raises(spd.SPDError, match="unknown basis"):
         kl("qr", 0)
     with pytest.raises(spd.SPDError, match="attention=True needs draws=0"):

@@ -502,7 +502,8 @@ def oracle_kl(target, n=1024, seed=EVAL_SEED + 5, ranks=None, draws=0, basis="sv
     if basis not in ("svd", "data"):
         raise spd.SPDError(f"unknown basis {basis!r}: use svd or data")
     if set(everywhere) - MATRICES.keys():
-        raise spd.SPDError(f"oracle_kl: everywhere={everywhere!r}; name matrices from {', '.join(MATRICES)}")
+        raise spd.SPDError(f"oracle_kl: everywhere={everywhere!r}; name matrices from "
+                           f"{', '.join(MATRICES)}")
     if attention and draws:
         raise spd.SPDError("oracle_kl: attention=True needs draws=0 (the attention of one model)")
     cfg, device = target.config, next(target.parameters()).device
@@ -715,8 +716,8 @@ ANCHOR = dict(C=100, d_gate=16, n_mask_samples=1, beta_layerwise_recon=0.0)
 
 
 def anchor_config(module, ci, batch_size, device):
-    """The config Table 2 and our speed work time (the README's "Step time" anchor): C 100, D_gate 16, one
-    mask sample, the losses faithfulness, recon, stochastic recon, stochastic layerwise recon
+    """The config Table 2 and our speed work time (the README's "Step time" anchor): C 100, D_gate
+    16, one mask sample, the losses faithfulness, recon, stochastic recon, stochastic layerwise recon
     and minimality with Table 4's betas (module.Config's defaults). module: spd, or another
     commit's spd.py (see bench)."""
     return module.Config(ci=ci, batch_size=batch_size, device=device.type, **ANCHOR)

@@ -133,8 +133,8 @@ class Attention(nn.Module):
             a = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], is_causal=not last_query)
             return self.out_proj(a[:, 0]), None  # (B,1,S,d): 4-D for the fused CUDA kernels
         causal_mask = torch.full((S, S), float("-inf"), device=x.device).triu(1)  # (S,S)
-        att = (q @ k.transpose(1, 2) / math.sqrt(d) + causal_mask).softmax(dim=-1)  # (B,S,S)
-        return self.out_proj(att @ v), att  # (B,S,d), (B,S,S)
+        scores = q @ k.transpose(1, 2) / math.sqrt(d) + causal_mask  # (B,S,S)
+        return self.out_proj(scores.softmax(-1) @ v), scores.log_softmax(-1)  # (B,S,d), log pattern
 
 
 class Block(nn.Module):
@@ -168,7 +168,8 @@ class InductionTransformer(nn.Module):
         self.register_buffer("pe", sinusoidal_positions(max_seq_len, d_model), persistent=False)
 
     def forward(self, tokens, return_attn=False, q_pos_at=None, final_only=False):
-        """tokens (B,S) -> logits (B,S,V) [, attention patterns: list of (B,S,S) per layer].
+        """tokens (B,S) -> logits (B,S,V) [, attention patterns: list of (B,S,S) per layer, as
+        log-probabilities (-inf at the causally masked keys): exact where a probability rounds to 0].
 
         final_only: the final position's logits only -> (B,V); the task's loss and accuracy use
         only that position, so the last layer runs its final query only (same numbers, faster).
@@ -321,8 +322,8 @@ def mechanism_check(model, n=1024, seed=EVAL_SEED + 2):
     out = {}
     for suffix, q_pos_at in [("", None), ("_no_q_pos", m)]:
         logits, (att0, att1) = model(tokens, return_attn=True, q_pos_at=q_pos_at)
-        out["l0_m_to_s1" + suffix] = att0[b, m, s1].mean().item()
-        out["l1_end_to_m" + suffix] = att1[b, -1, m].mean().item()
+        out["l0_m_to_s1" + suffix] = att0[b, m, s1].exp().mean().item()
+        out["l1_end_to_m" + suffix] = att1[b, -1, m].exp().mean().item()
         out["acc" + suffix] = (logits[:, -1].argmax(-1) == m_tokens(tokens, s1)).float().mean().item()
     return out
 
@@ -425,10 +426,12 @@ PAPER_TABLE1 = {  # Table 1 (a) s1, m, s2, random; (b) total unique
 }
 
 
-def attention_kl(p_target, p):
-    """KL(target || decomposed) of attention patterns (B, S, S) per query: summed over keys,
-    (B, S). Causally masked keys have p = 0 in both and contribute 0."""
-    return (torch.special.xlogy(p_target, p_target) - torch.special.xlogy(p_target, p)).sum(-1)
+def attention_kl(log_target, log_p):
+    """KL(target || decomposed) of attention patterns given as log-probabilities (B, S, S), per
+    query: summed over keys, (B, S). From the logs, a key where the decomposed pattern rounds to
+    0 adds its true (large) term, not inf; causally masked keys (-inf in both) add 0."""
+    p_target = log_target.exp()
+    return torch.where(p_target > 0, p_target * (log_target - log_p), 0.0).sum(-1)
 
 
 @torch.no_grad()

@@ -1560,6 +1560,18 @@ def test_induction_script_smoke(tmp_path, capsys):
     assert all(0 <= p["pieces"] <= 6 * 8 for p in fig["spd"])
 
 
+def test_attention_kl_where_a_pattern_rounds_to_zero():
+    """From log patterns: a key the decomposed model gives e^-200 (0.0 as a float32 probability,
+    which made the KL inf) adds its true term; a causally masked key (-inf in both) adds 0."""
+    inf = math.inf
+    log_t = torch.tensor([[[0.0, -inf], [math.log(0.5), math.log(0.5)]]])     # (1, 2 queries, 2 keys)
+    log_p = torch.tensor([[[0.0, -inf], [0.0, -200.0]]])
+    assert log_p.exp()[0, 1, 1] == 0
+    kl = induction.attention_kl(log_t, log_p)
+    assert kl.shape == (1, 2) and kl[0, 0] == 0
+    assert kl[0, 1].item() == pytest.approx(math.log(0.5) + 0.5 * 200, rel=1e-6)   # 99.31
+
+
 def test_table1_counts_and_attention_kls_by_hand(monkeypatch):
     """Table 1 on a hand-made g: (a) counts only g > threshold, at s1, m, s2 and the other
     positions; (b) unique over all of them; (c) attention KL(target || masked by g) at m (layer 1)
@@ -1585,8 +1597,9 @@ def test_table1_counts_and_attention_kls_by_hand(monkeypatch):
     with torch.no_grad(), s.masked(masks) as model:
         _, attn = model(tokens, return_attn=True)
         _, attn_t = target(tokens, return_attn=True)
-    log = lambda p: p.clamp_min(1e-30).log()
-    kl = [(pt * (log(pt) - log(p))).sum(-1) for pt, p in zip(attn_t, attn)]    # (B, S) per layer
+    log = lambda p: p.clamp_min(1e-30).log()                                  # (no p rounds to 0 here)
+    kl = [(pt * (log(pt) - log(p))).sum(-1) for pt, p in
+          zip((a.exp() for a in attn_t), (a.exp() for a in attn))]            # (B, S) per layer
     assert kl[0][b, m].mean() > 1e-3 and kl[1][:, -1].mean() > 1e-3
     assert r["metrics"]["attn_kl_layer1_query_m"] == pytest.approx(kl[0][b, m].mean().item(), rel=1e-4)
     assert r["metrics"]["attn_kl_layer2_query_s2"] == pytest.approx(kl[1][:, -1].mean().item(), rel=1e-4)
@@ -1675,7 +1688,7 @@ def test_induction_data_and_positions():
         _, (att0, _) = m(tokens[:2], return_attn=True)
         pe = m.pe[:64] if scores_pe else torch.zeros(64, 16)
         ref = ((pe @ pe.T) / 4).masked_fill(causal, -math.inf)
-        assert torch.allclose(att0[0], ref.softmax(-1), atol=1e-6)
+        assert torch.allclose(att0[0].exp(), ref.softmax(-1), atol=1e-6)
     with pytest.raises(ValueError, match="positions="):
         induction.InductionTransformer(positions="after")
 

@@ -493,8 +493,8 @@ def oracle_kl(target, n=1024, seed=EVAL_SEED + 5, ranks=None, draws=0, basis="sv
     (default: all d) are on (alpha = 1) only at the matrix's position in CIRCUIT, every other
     piece is off (alpha = 0). Returns the final-token KL(target || that model) on n fresh
     sequences. Near 0 with every rank full: the paper's circuit is all the target uses.
-    everywhere: matrices (e.g. ["K0"]) kept whole at every position instead: which matrix's use
-    outside the circuit costs the KL (README, "Which positions").
+    everywhere: matrices (e.g. ["K0"]) kept whole at every position instead (ranks do not apply to
+    them): which matrix's use outside the circuit costs the KL (README, "Which positions").
     draws > 0: the pieces that are off get SPD's stochastic masks instead, alpha = u ~ U(0, 1)
     (Sec. 4 with g = 0), as the stochastic losses see them; the mean KL of `draws` (seeded) samples.
     basis: the pieces are W's singular directions ("svd"), or those of W in the norm of the
@@ -528,9 +528,10 @@ def oracle_kl(target, n=1024, seed=EVAL_SEED + 5, ranks=None, draws=0, basis="sv
         layer.U.copy_(U * sv)                                         # piece c: (U[:, c] sv_c) ...
         layer.V.copy_(Vh @ inv_root)                                  # ... (Vh[c] Σ^-½)
         g[name] = torch.zeros(n, S, d, device=device)                 # (B, S, C)
-        g[name][b, at, :(ranks or {}).get(short, d)] = 1.0
         if short in everywhere:                                       # whole, at every position
             g[name][:] = 1.0
+        else:
+            g[name][b, at, :(ranks or {}).get(short, d)] = 1.0
     target_logits = target_logits[:, -1]
     if not draws:
         with s.masked(g) as model:

@@ -474,7 +474,7 @@ def table1(s, target, cfg):
                "attn_kl_layer1": every[0], "attn_kl_layer2": every[1], "attn_kl_mean": sum(every) / 2,
                "attn_kl_layer1_query_m": kl[0][b, m].mean().item(),
                "attn_kl_layer2_query_s2": kl[1][:, -1].mean().item()}
-    oracle, oracle_attn = oracle_kl(target, B, attention=True)       # (on B sequences of their own)
+    oracle, oracle_attn = oracle_kl(target, 8 * B, attention=True)   # (on 8 B sequences of its own)
     return {"threshold": cfg.threshold, "eval_sequences": B, "active": active, "unique": unique,
             "metrics": metrics, "layerwise_by_matrix": layerwise, "mechanism": mechanism_check(target, B),
             "oracle_kl": oracle, "oracle_attn_kl": oracle_attn}
@@ -485,21 +485,23 @@ CIRCUIT = {"Q0": "m", "K0": "s1", "V0": "s1", "Q1": "s2", "K1": "m", "V1": "m"}
 
 
 @torch.no_grad()
-def oracle_kl(target, n=1024, seed=EVAL_SEED + 5, ranks=None, draws=0, basis="svd", attention=False,
-              everywhere=()):
+def oracle_kl(target, n=8192, seed=EVAL_SEED + 5, ranks=None, draws=0, basis="svd", attention=False,
+              everywhere=(), batch=1024):
     """Can the target support Table 1 at all? (A check of ours, not in the paper.)
 
     Each of Q0..V1 is cut into d rank-1 pieces (U V = W); the first ranks[matrix] of them
     (default: all d) are on (alpha = 1) only at the matrix's position in CIRCUIT, every other
     piece is off (alpha = 0). Returns the final-token KL(target || that model) on n fresh
-    sequences. Near 0 with every rank full: the paper's circuit is all the target uses.
+    sequences, `batch` at a time. Near 0 with every rank full: the paper's circuit is all the
+    target uses. n 8192: a few rare sequences carry much of the mean, so on 1024 it swings up to
+    5x from one draw of sequences to the next (README, "Which positions").
     everywhere: matrices (e.g. ["K0"]) kept whole at every position instead (ranks do not apply to
     them): which matrix's use outside the circuit costs the KL (README, "Which positions").
     draws > 0: the pieces that are off get SPD's stochastic masks instead, alpha = u ~ U(0, 1)
     (Sec. 4 with g = 0), as the stochastic losses see them; the mean KL of `draws` (seeded) samples.
     basis: the pieces are W's singular directions ("svd"), or those of W in the norm of the
-    matrix's inputs x at its position ("data": W = (W Σ^½) Σ^-½ with Σ = E[x xᵀ] there, so the
-    first r pieces are the best rank-r fit of W x at the position).
+    matrix's inputs x at its position ("data": W = (W Σ^½) Σ^-½ with Σ = E[x xᵀ] there, in each
+    batch, so the first r pieces are the best rank-r fit of W x at the position).
     attention (draws 0 only): also the attention KLs at the circuit's queries, as in table1's
     metrics: (KL, {"layer1_query_m": ..., "layer2_query_s2": ...}) (what the circuit alone scores)."""
     if basis not in ("svd", "data"):
@@ -509,9 +511,23 @@ def oracle_kl(target, n=1024, seed=EVAL_SEED + 5, ranks=None, draws=0, basis="sv
                            f"{', '.join(MATRICES)}")
     if attention and draws:
         raise spd.SPDError("oracle_kl: attention=True needs draws=0 (the attention of one model)")
+    if not (n >= 1 and batch >= 1):
+        raise spd.SPDError(f"oracle_kl: n={n} and batch={batch} must be >= 1")
     cfg, device = target.config, next(target.parameters()).device
-    d, S = cfg["d_model"], cfg["max_seq_len"]
-    tokens, s1 = make_batch(n, S, cfg["vocab_size"], torch.Generator().manual_seed(seed), device)
+    gen, parts = torch.Generator().manual_seed(seed), []
+    for i in range(0, n, batch):                                      # (n/batch draws of one stream)
+        tokens, s1 = make_batch(min(batch, n - i), cfg["max_seq_len"], cfg["vocab_size"], gen, device)
+        parts.append((len(tokens), _oracle_batch(target, tokens, s1, seed + i, ranks, draws, basis,
+                                                 attention, everywhere)))
+    mean = lambda f: sum(k * f(r) for k, r in parts) / n
+    if not attention:
+        return mean(lambda r: r)
+    return mean(lambda r: r[0]), {q: mean(lambda r: r[1][q]) for q in parts[0][1][1]}
+
+
+def _oracle_batch(target, tokens, s1, seed, ranks, draws, basis, attention, everywhere):
+    """oracle_kl on one batch of sequences (tokens, s1)."""
+    device, (n, S), d = tokens.device, tokens.shape, target.config["d_model"]
     s = spd.SPDModel(target, list(MATRICES.values()), C=d, ci="vector").to(device)
     target_logits, inputs = s.target_forward(tokens)                  # (n, S, V), {name: (n, S, d)}
     g, b = {}, torch.arange(n, device=device)

@@ -1528,7 +1528,7 @@ def test_induction_script_smoke(tmp_path, capsys):
     assert len(r["history"]) >= 2 and r["history"][-1]["step"] == 5
     target = induction.load_or_train_target(str(tmp_path / "target.pt"), log=lambda *a: None)
     assert r["eval_sequences"] == 32 and r["mechanism"] == induction.mechanism_check(target, 32)  # --eval_batch's
-    assert r["oracle_kl"] == induction.oracle_kl(target, 32)                                      # count, too
+    assert r["oracle_kl"] == induction.oracle_kl(target, 8 * 32)                     # count (8 times), too
     # the decomposition reloads against the cached target and gives the same faithfulness
     s, cfg = spd.load(tmp_path / "spd.pt", target)
     assert spd.faithfulness_loss(s).item() == pytest.approx(r["metrics"]["L_faithful"], rel=1e-5)
@@ -1747,6 +1747,24 @@ def test_committed_target_is_table3_and_supports_the_circuit():
     assert attn["layer2_query_s2"] == pytest.approx(0.0147, abs=0.002)     # 0.61; README: n 1024 0.685 / 0.0162)
     torch.manual_seed(0)
     assert induction.oracle_kl(induction.InductionTransformer(), n=256) > 1e-3
+
+
+def test_oracle_kl_averages_its_batches(monkeypatch):
+    """oracle_kl draws n sequences `batch` at a time from one stream and weights each batch's KL by
+    its size (the last may be smaller); n and batch must be >= 1."""
+    sizes = []
+    def fake(target, tokens, s1, seed, *rest):
+        sizes.append(len(tokens))
+        return float(len(tokens)) if not rest[-2] else (float(len(tokens)), {"layer1_query_m": 1.0})
+    monkeypatch.setattr(induction, "_oracle_batch", fake)
+    torch.manual_seed(0)
+    target = induction.InductionTransformer()
+    assert induction.oracle_kl(target, 20, batch=16) == pytest.approx((16 * 16 + 4 * 4) / 20)
+    assert sizes == [16, 4]
+    assert induction.oracle_kl(target, 8, batch=4, attention=True) == (4.0, {"layer1_query_m": 1.0})
+    for bad in (dict(n=0), dict(batch=0)):
+        with pytest.raises(spd.SPDError, match="must be >= 1"):
+            induction.oracle_kl(target, **bad)
 
 
 def test_oracle_pieces_on_the_committed_target():

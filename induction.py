@@ -477,7 +477,7 @@ def table1(s, target, cfg):
     oracle, oracle_attn = oracle_kl(target, 8 * B, attention=True)   # (on 8 B sequences of its own)
     return {"threshold": cfg.threshold, "eval_sequences": B, "active": active, "unique": unique,
             "metrics": metrics, "layerwise_by_matrix": layerwise, "mechanism": mechanism_check(target, B),
-            "oracle_kl": oracle, "oracle_attn_kl": oracle_attn}
+            "oracle_kl": oracle, "oracle_attn_kl": oracle_attn, "oracle_sequences": 8 * B}
 
 
 # Where Table 1 puts each matrix: the position at which it alone is active (Sec. 6.1)
@@ -501,7 +501,8 @@ def oracle_kl(target, n=8192, seed=EVAL_SEED + 5, ranks=None, draws=0, basis="sv
     (Sec. 4 with g = 0), as the stochastic losses see them; the mean KL of `draws` (seeded) samples.
     basis: the pieces are W's singular directions ("svd"), or those of W in the norm of the
     matrix's inputs x at its position ("data": W = (W Σ^½) Σ^-½ with Σ = E[x xᵀ] there, in each
-    batch, so the first r pieces are the best rank-r fit of W x at the position).
+    batch, so the first r pieces are the best rank-r fit of W x at the position; with "data" or
+    draws, keep n a multiple of batch: Σ and the draws' seeds are per batch).
     attention (draws 0 only): also the attention KLs at the circuit's queries, as in table1's
     metrics: (KL, {"layer1_query_m": ..., "layer2_query_s2": ...}) (what the circuit alone scores)."""
     if basis not in ("svd", "data"):
@@ -517,15 +518,18 @@ def oracle_kl(target, n=8192, seed=EVAL_SEED + 5, ranks=None, draws=0, basis="sv
     gen, parts = torch.Generator().manual_seed(seed), []
     for i in range(0, n, batch):                                      # (n/batch draws of one stream)
         tokens, s1 = make_batch(min(batch, n - i), cfg["max_seq_len"], cfg["vocab_size"], gen, device)
-        parts.append((len(tokens), _oracle_batch(target, tokens, s1, seed + i, ranks, draws, basis,
-                                                 attention, everywhere)))
+        parts.append((len(tokens), _oracle_batch(target, tokens, s1, seed=seed + i, ranks=ranks, draws=draws,
+                                                 basis=basis, attention=attention, everywhere=everywhere)))
+    if len(parts) == 1:                                               # (exactly the one batch's)
+        return parts[0][1]
     mean = lambda f: sum(k * f(r) for k, r in parts) / n
     if not attention:
         return mean(lambda r: r)
     return mean(lambda r: r[0]), {q: mean(lambda r: r[1][q]) for q in parts[0][1][1]}
 
 
-def _oracle_batch(target, tokens, s1, seed, ranks, draws, basis, attention, everywhere):
+@torch.no_grad()
+def _oracle_batch(target, tokens, s1, *, seed, ranks, draws, basis, attention, everywhere):
     """oracle_kl on one batch of sequences (tokens, s1)."""
     device, (n, S), d = tokens.device, tokens.shape, target.config["d_model"]
     s = spd.SPDModel(target, list(MATRICES.values()), C=d, ci="vector").to(device)
@@ -591,7 +595,8 @@ def print_table1(r, log=print):
         f"held-out accuracy {mech['acc']:.4f} -> {mech['acc_no_q_pos']:.4f}")
     log(f"oracle (ours, not in the paper): the paper's circuit with exact components, each matrix only "
         f"at its position ({', '.join(f'{k}@{v}' for k, v in CIRCUIT.items())}), final-token KL "
-        f"{r['oracle_kl']:.2e}; its attention KL at the circuit's queries, layer 1 / 2: "
+        f"{r['oracle_kl']:.2e} on {r.get('oracle_sequences', r['eval_sequences'])} sequences; its "
+        f"attention KL at the circuit's queries, layer 1 / 2: "
         f"{r['oracle_attn_kl']['layer1_query_m']:.3g} / {r['oracle_attn_kl']['layer2_query_s2']:.3g}")
 
 

@@ -1750,18 +1750,24 @@ def test_committed_target_is_table3_and_supports_the_circuit():
 
 
 def test_oracle_kl_averages_its_batches(monkeypatch):
-    """oracle_kl draws n sequences `batch` at a time from one stream and weights each batch's KL by
-    its size (the last may be smaller); n and batch must be >= 1."""
-    sizes = []
-    def fake(target, tokens, s1, seed, *rest):
-        sizes.append(len(tokens))
-        return float(len(tokens)) if not rest[-2] else (float(len(tokens)), {"layer1_query_m": 1.0})
+    """oracle_kl draws n sequences `batch` at a time from one stream (batch i seeded seed + i for
+    its mask draws) and weights each batch's KL by its size (the last may be smaller); n and batch
+    must be >= 1."""
+    seen = []
+    def fake(target, tokens, s1, *, seed, attention, **rest):
+        seen.append((len(tokens), seed, tokens))
+        k = float(len(tokens))
+        return (k, {"layer1_query_m": 2 * k}) if attention else k
     monkeypatch.setattr(induction, "_oracle_batch", fake)
     torch.manual_seed(0)
     target = induction.InductionTransformer()
-    assert induction.oracle_kl(target, 20, batch=16) == pytest.approx((16 * 16 + 4 * 4) / 20)
-    assert sizes == [16, 4]
-    assert induction.oracle_kl(target, 8, batch=4, attention=True) == (4.0, {"layer1_query_m": 1.0})
+    assert induction.oracle_kl(target, 20, seed=7, batch=16) == pytest.approx((16 * 16 + 4 * 4) / 20)
+    gen = torch.Generator().manual_seed(7)                              # one stream: both batches
+    want = [induction.make_batch(k, generator=gen)[0] for k in (16, 4)]
+    assert [(n, sd) for n, sd, _ in seen] == [(16, 7), (4, 23)]                 # sizes, draw seeds
+    assert all(torch.equal(t, w) for (_, _, t), w in zip(seen, want))
+    kl, attn = induction.oracle_kl(target, 20, batch=16, attention=True)
+    assert kl == pytest.approx(13.6) and attn == {"layer1_query_m": pytest.approx(27.2)}
     for bad in (dict(n=0), dict(batch=0)):
         with pytest.raises(spd.SPDError, match="must be >= 1"):
             induction.oracle_kl(target, **bad)

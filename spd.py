@@ -295,11 +295,12 @@ class _ChunkedGamma(torch.autograd.Function):
 
     The hidden layer h (N, C, H) is the big tensor of an SPD step. As separate ops it streams
     through memory about a dozen times and autograd keeps two copies of it; here each chunk
-    stays in cache from h = W1 x + b1 to the output and backward recomputes h, so nothing of
-    size N·C·H is kept (h and gelu(h) are if one chunk holds all N tokens). With ḡ = dL/dγ:
+    stays in cache from h = W1 x + b1 to the output, and backward recomputes h unless it is
+    small: h and gelu(h) are kept if N·C·H <= KEEP (README, "Step time"). With ḡ = dL/dγ:
         dL/dw2_c = Σ_n ḡ_nc gelu(h_nc)    dL/dh_nc = ḡ_nc w2_c ⊙ gelu'(h_nc)
         dL/dW1 = (dL/dh)ᵀ x,  dL/db1 = Σ_n dL/dh,  dL/dx = (dL/dh) W1,  dL/db2 = Σ_n ḡ."""
     FLOATS = 2 ** 19                                           # hidden units per chunk (2 MB)
+    KEEP = 2 ** 23                      # at most this many hidden units: kept, not recomputed
 
     @staticmethod
     def hidden(scalar, x, W1, b1, C, H):                       # (n, C, H)
@@ -310,13 +311,14 @@ class _ChunkedGamma(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scalar, x, W1, b1, W2, b2):
         (C, H), R = W2.shape, max(1, _ChunkedGamma.FLOATS // W2.numel())
-        out = x.new_empty(len(x), C)
+        out, kept, keep = x.new_empty(len(x), C), [], len(x) * W2.numel() <= _ChunkedGamma.KEEP
         for i in range(0, len(x), R):
             h = _ChunkedGamma.hidden(scalar, x[i:i + R], W1, b1, C, H)
             a = F.gelu(h)
             torch.sum(a * W2, -1, out=out[i:i + R])
+            kept += [(h, a)] if keep else []
         ctx.save_for_backward(x, W1, b1, W2)
-        ctx.scalar, ctx.rows, ctx.kept = scalar, R, ((h, a) if 0 < len(x) <= R else None)
+        ctx.scalar, ctx.rows, ctx.kept = scalar, R, kept
         return out.add_(b2)
 
     @staticmethod
@@ -327,7 +329,7 @@ class _ChunkedGamma(torch.autograd.Function):
         kept, ctx.kept = (None if torch.is_grad_enabled() else ctx.kept), None  # create_graph: recompute
         for i in range(0, len(x), R):
             xc, g = x[i:i + R], grad[i:i + R, :, None]        # (n, d), (n, C, 1)
-            h, a = kept or (_ChunkedGamma.hidden(ctx.scalar, xc, W1, b1, C, H), None)
+            h, a = kept[i // R] if kept else (_ChunkedGamma.hidden(ctx.scalar, xc, W1, b1, C, H), None)
             gW2 += (F.gelu(h) if a is None else a).mul(g).sum(0)
             gh = torch.ops.aten.gelu_backward(g * W2, h)       # (n, C, H)
             gb1 += gh.sum(0).view(-1)

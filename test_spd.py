@@ -229,14 +229,17 @@ def use_chunked_gamma(module, on):
             m.chunked = on
 
 
+@pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize("rows", [7, 27])
 @pytest.mark.parametrize("ci", ["scalar", "vector", "attention"])
-def test_chunked_gamma_equals_reference(ci, rows, monkeypatch):
+def test_chunked_gamma_equals_reference(ci, rows, keep, monkeypatch):
     """The fast CPU path of the γ-MLPs (_ChunkedGamma) against GammaMLPs.reference, float64:
     the CI's output and the gradient into every parameter and into the input; in chunks of 7
-    of the 27 tokens (a ragged last, h recomputed in backward) and in one (h kept)."""
+    of the 27 tokens (a ragged last) and in one, with h and gelu(h) kept from forward or h
+    recomputed in backward (N·C·H above KEEP)."""
     d, C, H = 5, 6, 4
     monkeypatch.setattr(spd._ChunkedGamma, "FLOATS", rows * C * H)
+    monkeypatch.setattr(spd._ChunkedGamma, "KEEP", 27 * C * H if keep else 27 * C * H - 1)
     torch.manual_seed(0)
     f = spd.make_ci(ci, d, C, H, max_seq_len=9).double()
     with torch.no_grad():
@@ -251,7 +254,7 @@ def test_chunked_gamma_equals_reference(ci, rows, monkeypatch):
     for chunked in (False, True):
         use_chunked_gamma(f, chunked)
         got[chunked] = value_and_grads(lambda: f(x, V), tensors)
-    assert len(calls) == (1 if rows == 27 else 2 * 4)  # h once (kept), or 4 chunks, again in backward
+    assert len(calls) == (1 if rows == 27 else 4) * (1 if keep else 2)  # chunks; again in backward
     for a, b in zip(got[False], got[True]):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 

@@ -394,7 +394,7 @@ PRESETS = {
                   beta_faithfulness=1000.0, beta_minimality=0.02, p_start=0.9, p_final=0.1,
                   optimizer="adam", lr=1e-3, lr_schedule="cosine", lr_warmup=0.0,
                   last_token_only=True, **TABLE3),
-    # Table 1 on a 2-core CPU (8.5-17 minutes on ours, 2 threads, by the hour): Table 4's losses and
+    # Table 1 on a 2-core CPU (8.5-21 minutes on ours, 2 threads, by the hour): Table 4's losses and
     # betas except beta_minimality 0.2 for the first 80% of the steps, then linearly down to Table
     # 4's 0.02; plus the deterministic layerwise loss (Eq. 3 with masks g, which Table 1 reports);
     # 32x smaller batches, 10x fewer steps, C 16 instead of 100, a 5x larger lr and a faithfulness

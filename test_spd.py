@@ -271,6 +271,7 @@ def test_chunked_gamma_second_derivative():
         (gW1,) = torch.autograd.grad((f(x) ** 2).sum(), [f.W1], create_graph=True)
         return torch.autograd.grad((gW1 ** 2).sum(), [f.W1])[0]
     assert torch.allclose(second(True), second(False), rtol=1e-10)
+    f.chunked = True
     y = f(x).sum()
     assert torch.equal(*(torch.autograd.grad(y, [f.W1], retain_graph=True)[0] for _ in range(2)))
 
@@ -456,26 +457,42 @@ def test_compiled_gradient_repeats_exactly_under_deterministic():
     assert torch.are_deterministic_algorithms_enabled() == was   # the guard restores the flag
 
 
-def page_faults_reusing_32mb():
-    """Minor page faults while 16 MB is allocated and written, after two 16 MB blocks were freed
-    (glibc hands a free 32 MB at the top of its heap back to the OS by default)."""
-    import resource
+MALLOC_CHECK = """
+import ctypes, resource, sys, torch, spd
+if sys.argv[1] == "on":
+    assert spd.keep_freed_memory()
+class Info(ctypes.Structure):                                   # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks "
+                                              "uordblks fordblks keepcost".split()]
+mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+mallinfo2.restype = Info
+x = torch.empty(4 << 20)
+mapped = mallinfo2().hblkhd >= 16 << 20                         # x has its own mmap, not the heap
+del x
+def faults():   # minor page faults while 16 MB is made and written, after two 16 MB blocks were freed
     a, b = torch.empty(4 << 20).fill_(1.0), torch.empty(4 << 20).fill_(1.0)
     del a, b
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.empty(4 << 20).fill_(1.0)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(mapped, [faults() for _ in range(4)][-1])
+"""
 
 
 def test_keep_freed_memory_reuses_freed_memory():
-    """Without keep_freed_memory every call below faults in all 16 MB again, 4 KB at a time."""
+    """In a fresh process (the setting is process-wide, and other tests set it in this one): by
+    default glibc gives a 16 MB block its own mmap, handed back to the OS when freed, so the next
+    one is faulted in afresh, 4 KB at a time; with keep_freed_memory the block comes from the heap
+    and the freed memory is reused (the last of four calls: no faults)."""
+    import ctypes
     import platform
     import resource
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("not glibc: keep_freed_memory is a no-op")
-    assert spd.keep_freed_memory()
-    page_faults_reusing_32mb()                                 # (the heap grows once)
-    assert page_faults_reusing_32mb() < (16 << 20) // resource.getpagesize() // 10
+    if platform.libc_ver()[0] != "glibc" or not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"):
+        pytest.skip("not glibc >= 2.33: keep_freed_memory is a no-op, or mallinfo2 is missing")
+    out = {on: subprocess.run([sys.executable, "-c", MALLOC_CHECK, on], cwd=HERE, check=True,
+                              capture_output=True, text=True).stdout.split() for on in ("off", "on")}
+    assert out["off"][0] == "True" and out["on"][0] == "False", out
+    assert int(out["on"][1]) < (16 << 20) // resource.getpagesize() // 10, out
 
 
 def test_train_compiles_under_the_deterministic_guard(monkeypatch):
@@ -1095,8 +1112,11 @@ def test_facts_ctrl_c_then_resume(tmp_path, monkeypatch, capsys, ctrl_c_fails):
     assert len(err) == 1 and re.search(r"interrupted after step 1; saved .*checkpoint.pt: continue with "
                                        r"--resume=true", err[0]), err
     assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "results.json").exists()
+    steps = []
+    monkeypatch.setattr(spd, "training_step", lambda *a, **kw: steps.append(a[3]) or step(*a, **kw))
     res = gpt2_facts.main(argv + ["--resume=true"])
     assert [row["step"] for row in res["training"]["history"]] == [0, 1, 2, 3]
+    assert [t for t in steps if t] == [2, 3]                 # steps 2 and 3 (0: the timing's)
     assert not (tmp_path / "checkpoint.pt").exists() and (tmp_path / "spd.pt").exists()
     assert json.loads((tmp_path / "results.json").read_text())["training"]["steps"] == 4
 
@@ -1597,8 +1617,13 @@ def test_table1_counts_and_attention_kls_by_hand(monkeypatch):
     for short in induction.MATRICES:
         assert r["active"][short] == pytest.approx({"s1": 0, "m": 1, "s2": 1 / 8, "random": 1 / (8 * 61)})
         assert r["unique"][short] == 3
-    with torch.no_grad(), s.masked(masks) as model:
-        _, attn = model(tokens, return_attn=True)
+    hand = copy.deepcopy(target)                       # each layer masked by hand, not by SPDModel:
+    for name, layer in s.layers.items():              # y = U (g ⊙ V x) + b at every position
+        lin = hand.get_submodule(name)
+        lin.forward = lambda x, U=layer.U, V=layer.V, g=masks[name], bias=lin.bias: torch.einsum(
+            "oc,bsc,ci,bsi->bso", U, g, V, x) + (0 if bias is None else bias)
+    with torch.no_grad():
+        _, attn = hand(tokens, return_attn=True)
         _, attn_t = target(tokens, return_attn=True)
     log = lambda p: p.clamp_min(1e-30).log()                                  # (no p rounds to 0 here)
     kl = [(pt * (log(pt) - log(p))).sum(-1) for pt, p in
@@ -1660,7 +1685,10 @@ def test_target_training_resumes_exactly(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         induction.train_target(log=stop_at_20, save_path=path, **kw)
     assert torch.load(path, weights_only=True)["step"] == 10
-    resumed = induction.train_target(log=lambda *a: None, save_path=path, **kw)
+    lines = []
+    resumed = induction.train_target(log=lines.append, save_path=path, **kw)
+    assert lines[0] == f"continuing {path} from step 11" and not any(
+        l.startswith("step      0") for l in lines)                    # steps 11-29 only
     assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(),
                                                    resumed.state_dict().values()))
     assert "optimizer" not in torch.load(path, weights_only=True)  # finished
@@ -2080,11 +2108,12 @@ def test_resume_is_exact_and_checked(tmp_path, ctrl_c_fails):
     cfg = spd.Config(C=6, ci="attention", d_gate=4, steps=15, lr=1e-2, log_every=5, checkpoint_every=4,
                      beta_stochastic_partial_recon=1, last_token_only=False)
 
-    def run(cfg, interrupt_at=None):
-        torch.manual_seed(0)
-        s = spd.SPDModel(tiny(), "blocks.*.attn.*", C=6, ci="attention", d_gate=4, max_seq_len=6,
+    def run(cfg, interrupt_at=None, seed=0):
+        target = tiny()
+        torch.manual_seed(seed)                                        # (U, V and the CI's init)
+        s = spd.SPDModel(target, "blocks.*.attn.*", C=6, ci="attention", d_gate=4, max_seq_len=6,
                          causal=cfg.ci_causal)
-        gen, calls = torch.Generator().manual_seed(0), []
+        gen, calls = torch.Generator().manual_seed(seed), []
 
         def batch():
             calls.append(1)
@@ -2092,9 +2121,9 @@ def test_resume_is_exact_and_checked(tmp_path, ctrl_c_fails):
                 os.kill(os.getpid(), signal.SIGINT)
             return torch.randint(0, 11, (8, 6), generator=gen)
         hist = spd.train(s, cfg, batch, log=lambda *a: None, checkpoint=path, data_rng=gen)
-        return s, hist
+        return s, hist, calls
 
-    whole, hist = run(cfg)
+    whole, hist, _ = run(cfg)
     os.remove(path)                                                    # the last periodic checkpoint
     with pytest.raises(spd.SPDError, match="interrupted after step 7; saved .*--resume=true"):
         run(cfg, interrupt_at=8)
@@ -2106,10 +2135,12 @@ def test_resume_is_exact_and_checked(tmp_path, ctrl_c_fails):
     with pytest.raises(spd.SPDError, match="ckpt.pt was saved with --ci_causal=True, not False: resume "
                                            "with the same config, or delete it to start again"):
         run(dataclasses.replace(cfg, resume=True, ci_causal=False))    # (a model built otherwise)
-    resumed, hist2 = run(dataclasses.replace(cfg, resume=True, checkpoint_every=3))  # (RUN_ONLY)
+    # other seeds for the model's init and the data: only what the checkpoint restores can match
+    resumed, hist2, calls = run(dataclasses.replace(cfg, resume=True, checkpoint_every=3), seed=1)  # (RUN_ONLY)
     for (n, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), n
     assert [h["total"] for h in hist2] == [h["total"] for h in hist]
+    assert len(calls) == 15 - 8                                        # steps 8-14, not 0-14
 
 
 def test_run_only_fields_exist():
@@ -2118,7 +2149,7 @@ def test_run_only_fields_exist():
         assert config.RUN_ONLY <= {f.name for f in dataclasses.fields(config)}, config
 
 
-def test_ctrl_c_then_resume(tmp_path):
+def test_ctrl_c_then_resume(tmp_path, capsys):
     """SIGINT to a running `python induction.py`, then --resume=true: the same decomposition."""
     import signal
     flags = "--steps=300", "--log_every=1", "--checkpoint_every=0"
@@ -2134,7 +2165,10 @@ def test_ctrl_c_then_resume(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and err.strip().startswith("error: interrupted after step"), err
     assert "Traceback" not in err and (tmp_path / "checkpoint.pt").exists()
+    n = int(re.search(r"interrupted after step (\d+)", err).group(1))
+    capsys.readouterr()
     assert induction.cli(induction_argv(tmp_path, *flags, "--resume=true", "--eval_batch=16")) == 0  # (evaluation only)
+    assert f"resumed {tmp_path}/checkpoint.pt at step {n + 1}\n" in capsys.readouterr().out  # (not at 0)
     assert not (tmp_path / "checkpoint.pt").exists()
     a = torch.load(tmp_path / "spd.pt", weights_only=True)["state"]
     b = torch.load(tmp_path / "whole" / "spd.pt", weights_only=True)["state"]
@@ -2237,10 +2271,10 @@ def test_facts_bad_patterns_fail_before_any_work(tmp_path, monkeypatch, capsys):
     not after Figure 9 (the tiny model's ~40 s of training come before, and are cached)."""
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32, vocab_size=50))
     monkeypatch.setattr(gpt2_facts, "load_model", lambda *a: (model, None))
-    for bad in [["--patterns=nothing.*"], ["--patterns=transformer.h.0.mlp.c_*",
-                                             "--edit_patterns=transformer.h.0.attn.c_attn"]]:
+    for bad, says in [(["--patterns=nothing.*"], "matches no module"),
+                      (["--patterns=transformer.h.0.mlp.c_*", "--edit_patterns=transformer.h.0.attn.c_attn"],
+                       "which --patterns does not decompose")]:
         with pytest.raises(SystemExit) as e:
             gpt2_facts.main(["--model=tiny", *bad, f"--out_dir={tmp_path}", "--threads=1"])
         err = capsys.readouterr().err.strip().splitlines()
-        assert e.value.code == 2 and len(err) == 1 and ("matches no module" in err[0] or
-                                                        "which --patterns does not decompose" in err[0]), err
+        assert e.value.code == 2 and len(err) == 1 and says in err[0], err

@@ -319,9 +319,10 @@ def load_pretrained(name):
     local_only = os.path.isdir(name) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") \
         or not _hub_reachable()
     try:
-        model = GPT2LMHeadModel.from_pretrained(name, local_files_only=local_only, dtype=torch.float32,
-                                                **NO_DROPOUT)
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+        model, info = GPT2LMHeadModel.from_pretrained(name, local_files_only=local_only, dtype=torch.float32,
+                                                      output_loading_info=True, **NO_DROPOUT)
+        missing = sorted(info["missing_keys"])                # (else they stay random, without a word)
+        tokenizer = None if missing else AutoTokenizer.from_pretrained(name, local_files_only=local_only)
     except Exception as e:
         if os.path.isdir(name):                  # the user's own folder: say what it lacks
             why = (str(e).splitlines() or [""])[0][:120]
@@ -332,6 +333,9 @@ def load_pretrained(name):
             f"run once with hub access to cache them, or pass --model=/path/to/local/gpt2 "
             f"(a folder with config.json, model weights and tokenizer files), "
             f"or run offline with --model=tiny") from None
+    if missing:
+        raise WeightsUnavailableError(f"--model={name} is not a GPT-2: {len(missing)} of GPT-2's weights are "
+                                      f"not in it ({missing[0]}, ...); pass a GPT-2 folder or gpt2, or tiny")
     return model, tokenizer
 
 def _hub_reachable(timeout=2.0):

@@ -339,6 +339,10 @@ def load_or_train_target(path="induction_target.pt", log=print, **train_kwargs):
     else:
         log(f"training target ({path} not found)")
         model = train_target(log=log, **train_kwargs).cpu()
+        if os.path.exists(path):                      # (another run saved one meanwhile: keep it)
+            raise spd.SPDError(f"{path} was saved by another run while this one trained its target; "
+                               f"it is kept and this run stops: run again to use it, or give each run "
+                               f"its own --target_path")
         save_target(model, path)
         log(f"saved target to {path}")
     log(f"target held-out final-token accuracy: {evaluate_target(model):.4f}")
@@ -942,6 +946,9 @@ def main(argv):
     if reads_a_run and not os.path.exists(cfg.target_path):
         raise spd.SPDError(f"--target_path={cfg.target_path} is not there: a saved run needs the target "
                            f"it was made with (a stand-in trained now would not be it)")
+    if os.path.abspath(cfg.target_path) in [os.path.abspath(out(f)) for f in ("spd.pt", "checkpoint.pt")]:
+        raise spd.SPDError(f"--target_path={cfg.target_path} is where this run writes its decomposition; "
+                           f"pass another --target_path")
     spd.make_dir(cfg.out_dir, "--out_dir")
     if "--train-target" in modes or not os.path.exists(cfg.target_path):  # checked before training
         spd.make_dir(os.path.dirname(cfg.target_path), "--target_path")

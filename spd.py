@@ -154,9 +154,13 @@ class SPDModel(nn.Module):
                  causal=True, final_only_kwargs=None):
         super().__init__()
         whole = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
-        if not (whole(C) and whole(d_gate) and (max_seq_len is None or whole(max_seq_len))):
-            raise SPDError(f"C, d_gate and max_seq_len (if given) must be integers >= 1, got C={C!r}, "
-                           f"d_gate={d_gate!r}, max_seq_len={max_seq_len!r}")
+        if not (whole(C) and whole(d_gate) and (max_seq_len is None or whole(max_seq_len))
+                and causal in (True, False)):
+            raise SPDError(f"C, d_gate and max_seq_len (if given) must be integers >= 1 and causal a "
+                           f"bool, got C={C!r}, d_gate={d_gate!r}, max_seq_len={max_seq_len!r}, "
+                           f"causal={causal!r}")
+        C, d_gate, causal = int(C), int(d_gate), bool(causal)   # (numpy's: a file holds plain ones)
+        max_seq_len = max_seq_len if max_seq_len is None else int(max_seq_len)
         self.model = copy.deepcopy(target).eval()
         self.model.requires_grad_(False)
         self.spec = dict(patterns=match_modules(self.model, patterns), C=C, ci=ci,
@@ -197,6 +201,10 @@ class SPDModel(nn.Module):
         with self.masked(stacked):
             out = self.model(x.repeat(K, *[1] * (x.dim() - 1)), **kwargs)
         out = getattr(out, "logits", out)             # (K·B, S, V); transformers returns an object
+        if not torch.is_tensor(out) or out.dim() not in ((2, 3) if final_only else (3,)):
+            got = f"a tensor {tuple(out.shape)}" if torch.is_tensor(out) else f"a {type(out).__name__}"
+            raise SPDError(f"the model returned {got}; SPDModel needs logits (B, S, vocab), or an "
+                           f"object with .logits: wrap the model so that forward returns them")
         if final_only and out.dim() == 3:
             out = out[:, -1]                                                      # (K·B, V)
         return out.view(K, B, *out.shape[1:])
@@ -864,6 +872,9 @@ def load_checkpoint(path, spd, opt, cfg, data_rng=None):
 @torch.no_grad()
 def causal_importances(spd, x):
     """{layer: g (B, S, C)}, the lower-leaky causal importances of the target on x."""
+    if not torch.is_tensor(x) or x.dim() < 2 or 0 in x.shape[:2]:
+        got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise SPDError(f"causal_importances needs tokens (B, S) as a tensor, B, S >= 1; got {got}")
     _, inputs = spd.target_forward(x)
     return {n: leaky_hard_sigmoid(v) for n, v in spd.causal_importance(inputs).items()}
 

@@ -993,14 +993,48 @@ def test_bad_patterns_are_one_line_errors():
     assert torch.equal(s(t), m(t))  # a failed call leaves no mask behind
 
 
+def test_api_numpy_sizes_other_outputs_and_bad_tokens(tmp_path):
+    """numpy's integers as C and d_gate are stored as ints (a saved file loads; weights_only refuses
+    numpy scalars); a model that returns a tuple, a dict or the final position's logits only, and
+    tokens that are not a (B, S) tensor, are one-line errors."""
+    import numpy as np
+    m = tiny()
+    s = spd.SPDModel(m, "blocks.0.attn.q_proj", C=np.int64(2), ci="vector", d_gate=np.int32(2))
+    assert type(s.spec["C"]) is int and type(s.spec["d_gate"]) is int
+    spd.save(s, tmp_path / "np.pt", config_for(s))
+    assert spd.load(str(tmp_path / "np.pt"), m)[0].spec == s.spec
+
+    class Returns(nn.Module):
+        def __init__(self, how):
+            super().__init__()
+            self.m, self.how = tiny(), how
+
+        def forward(self, t):
+            y = self.m(t)
+            return {"tuple": (y, None), "dict": {"logits": y}, "final": y[:, -1]}[self.how]
+    x = torch.randint(0, 11, (2, 6))
+    for how, got in [("tuple", "a tuple"), ("dict", "a dict"), ("final", "a tensor (2, 11)")]:
+        r = spd.SPDModel(Returns(how), "m.blocks.0.attn.q_proj", C=2, ci="vector", d_gate=2)
+        with pytest.raises(spd.SPDError, match=re.escape(f"the model returned {got}; SPDModel needs logits "
+                                                         f"(B, S, vocab), or an object with .logits")):
+            spd.train(r, config_for(r, steps=1), lambda: x, log=lambda *a: None)
+    for bad, got in [(x.tolist(), "list"), (x[0], "(6,)"), (x[:0], "(0, 6)")]:
+        with pytest.raises(spd.SPDError, match=re.escape(f"causal_importances needs tokens (B, S) as a tensor, "
+                                                         f"B, S >= 1; got {got}")):
+            spd.causal_importances(s, bad)
+
+
 def test_bad_api_input_is_a_one_line_error(tmp_path):
     """Through the API too (the scripts check their flags first): C or d_gate below 1, a Config
     out of range given to train, and save onto a folder, which is left as it was."""
     m = tiny()
-    for C, d_gate, S in [(0, 4, None), (2, 0, None), (2.5, 4, None), ("4", 4, None), (2, 4, 6.0), (2, 4, -3)]:
-        with pytest.raises(spd.SPDError, match=re.escape(f"must be integers >= 1, got C={C!r}, d_gate={d_gate!r}, "
-                                                         f"max_seq_len={S!r}")):
-            spd.SPDModel(m, "blocks.0.attn.q_proj", C=C, d_gate=d_gate, max_seq_len=S, ci="attention")
+    for C, d_gate, S, causal in [(0, 4, None, True), (2, 0, None, True), (2.5, 4, None, True), ("4", 4, None, True),
+                                 (2, 4, 6.0, True), (2, 4, -3, True), (2, 4, None, "false")]:
+        with pytest.raises(spd.SPDError, match=re.escape(
+                f"must be integers >= 1 and causal a bool, got C={C!r}, d_gate={d_gate!r}, "
+                f"max_seq_len={S!r}, causal={causal!r}")):
+            spd.SPDModel(m, "blocks.0.attn.q_proj", C=C, d_gate=d_gate, max_seq_len=S, ci="attention",
+                         causal=causal)
     with pytest.raises(spd.SPDError, match=r"the attention CI needs max_seq_len \(the longest sequence"):
         spd.SPDModel(m, "blocks.0.attn.q_proj", C=2, d_gate=2, ci="attention")
     s = spd.SPDModel(m, "blocks.0.attn.q_proj", C=2, ci="vector", d_gate=2)
@@ -1412,10 +1446,16 @@ def test_default_model_offline_is_a_one_line_error(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_folder", "empty_folder", "unknown_key", "bad_type",
-                                  "bad_bool", "unknown_preset", "odd_batch", "not_key_value"])
+                                  "bad_bool", "unknown_preset", "odd_batch", "not_key_value", "not_gpt2"])
 def test_bad_input_is_a_one_line_error(case, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "empty").mkdir()
+    if case == "not_gpt2":                        # another causal LM's folder: GPT-2's weights are not in it
+        from transformers import LlamaConfig, LlamaForCausalLM
+        LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2, vocab_size=50)
+                         ).save_pretrained(tmp_path / "llama")
+        capsys.readouterr()
     argv, expect = {
         "missing_folder": ([f"--model={tmp_path / 'no_such_model'}"], "no_such_model: there is no such folder"),
         "empty_folder": ([f"--model={tmp_path / 'empty'}"], "; it needs config.json, model weights and tokenizer files"),
@@ -1425,6 +1465,7 @@ def test_bad_input_is_a_one_line_error(case, tmp_path, monkeypatch, capsys):
         "unknown_preset": (["--model=tiny", "--preset=huge"], "unknown preset 'huge'"),
         "odd_batch": (["--model=tiny", "--batch_size=3"], "multiple of 2"),
         "not_key_value": (["--model=tiny", "steps"], "use --key=value"),
+        "not_gpt2": ([f"--model={tmp_path / 'llama'}"], "llama is not a GPT-2: 16 of GPT-2's weights are not in it"),
     }[case]
 
     def no_training(*a, **k):
@@ -1437,7 +1478,8 @@ def test_bad_input_is_a_one_line_error(case, tmp_path, monkeypatch, capsys):
                                 f"--tiny_path={tmp_path / 'tiny.pt'}"])
     assert e.value.code == 2
     out, err = capsys.readouterr()
-    lines = [l for l in (out + err).splitlines() if l.strip()]
+    lines = [l for l in (out + err).splitlines()          # (transformers' progress bar aside)
+             if l.strip() and not l.startswith("Loading weights")]
     assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], lines
     assert not (tmp_path / "tiny.pt").exists() and not (tmp_path / "out" / "spd.pt").exists()
 
@@ -1642,6 +1684,23 @@ def test_induction_bad_input(tmp_path):
     with pytest.raises(spd.SPDError, match=r"--svd-baseline reads .*none/spd.pt, which is not there: run the decomposition"):
         induction.main(induction_argv(tmp_path, "--svd-baseline", f"--out_dir={tmp_path}/none",
                                       "--target_steps=1"))
+    with pytest.raises(spd.SPDError, match=r"--target_path=.*/spd.pt is where this run writes its decomposition"):
+        induction.main(induction_argv(tmp_path, f"--target_path={tmp_path}/spd.pt"))
+
+
+def test_a_target_saved_meanwhile_is_kept(tmp_path, monkeypatch):
+    """Two runs that train a target to one new --target_path: the second to finish stops, and the
+    first one's target stays (a run using it may be training on it)."""
+    path, first = str(tmp_path / "t.pt"), induction.InductionTransformer()
+
+    def train_target(**kw):
+        induction.save_target(first, path)                      # the other run finishes first
+        return induction.InductionTransformer()
+    monkeypatch.setattr(induction, "train_target", train_target)
+    with pytest.raises(spd.SPDError, match="t.pt was saved by another run while this one trained its target"):
+        induction.load_or_train_target(path, log=lambda *a: None)
+    kept = induction.read_target(path)[0].state_dict()
+    assert all(torch.equal(kept[k], v) for k, v in first.state_dict().items())
 
 
 class TwoMatrices(nn.Module):

@@ -413,7 +413,8 @@ PRESETS = {
     # commits 8ae5c75 to c1e691d: seed 2 missed by K0's tail); on seed 1, V0 is on at ~2/3 of the
     # random positions with either (README). A floor of 0.005 or 0 instead of 0.02, an lr warm-up,
     # a larger CI position table, a non-causal CI and a 10x lower-leaky slope each moved the
-    # failures, none removed them.
+    # failures, none removed them; C 32 and Table 4's C 100 for 10000 steps left Q0 and K0 more
+    # pieces, not fewer (one seed each).
     "cpu": dict(batch_size=32, steps=10_000, C=16, lr=5e-3, beta_layerwise_recon=1.0,
                 beta_minimality=0.2, minimality_decay_from=0.8, beta_minimality_final=0.02,
                 faithfulness_warmup_steps=400, log_every=500),

@@ -909,6 +909,9 @@ def main(argv):
     if "--help" in argv or "-h" in argv:
         return print(__doc__.strip())
     modes = [a for a in argv if a in MODES]
+    valued = next((a for a in argv if a.split("=", 1)[0] in MODES and "=" in a), None)
+    if valued:
+        raise spd.SPDError(f"{valued.split('=')[0]} is a mode: pass it without ={valued.split('=', 1)[1]}")
     unknown = [a for a in argv if a.startswith("--") and "=" not in a and a not in MODES]
     if unknown and unknown[0][2:] in {f.name for f in dataclasses.fields(InductionConfig)}:
         raise spd.SPDError(f"{unknown[0]} needs a value: {unknown[0]}=...")

@@ -1681,6 +1681,8 @@ def test_induction_bad_input(tmp_path):
         induction.main(induction_argv(tmp_path, "--nope=1"))
     with pytest.raises(spd.SPDError, match="unknown preset"):
         induction.main(induction_argv(tmp_path, "--preset=huge"))
+    with pytest.raises(spd.SPDError, match="^--table1 is a mode: pass it without =true$"):
+        induction.main(induction_argv(tmp_path, "--table1=true"))
     with pytest.raises(spd.SPDError, match=r"--svd-baseline reads .*none/spd.pt, which is not there: run the decomposition"):
         induction.main(induction_argv(tmp_path, "--svd-baseline", f"--out_dir={tmp_path}/none",
                                       "--target_steps=1"))

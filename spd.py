@@ -872,9 +872,8 @@ def load_checkpoint(path, spd, opt, cfg, data_rng=None):
 @torch.no_grad()
 def causal_importances(spd, x):
     """{layer: g (B, S, C)}, the lower-leaky causal importances of the target on x."""
-    if not torch.is_tensor(x) or x.dim() < 2 or 0 in x.shape[:2]:
-        got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-        raise SPDError(f"causal_importances needs tokens (B, S) as a tensor, B, S >= 1; got {got}")
+    if not _tokens(x):
+        raise SPDError(f"causal_importances needs tokens (B, S) as a tensor, B, S >= 1; got {_shape(x)}")
     _, inputs = spd.target_forward(x)
     return {n: leaky_hard_sigmoid(v) for n, v in spd.causal_importance(inputs).items()}
 
@@ -962,15 +961,18 @@ def check_config(cfg, rules=CONFIG_RULES):
     return cfg
 
 
+_tokens = lambda x: torch.is_tensor(x) and x.dim() >= 2 and 0 not in x.shape[:2]  # (B, S, ...), B, S >= 1
+_shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__     # for messages
+
+
 def _check_batch(x, weight, last_token_only):
     """x (B, S, ...), B and S >= 1; weight (B, S), >= 0, not all 0, and > 0 at the final positions
     if only they are trained (every batch: one wait for a GPU, as the loss's check has anyway)."""
-    bad = not torch.is_tensor(x) or x.dim() < 2 or 0 in x.shape[:2] or weight is not None and (
+    bad = not _tokens(x) or weight is not None and (
         not torch.is_tensor(weight) or weight.shape != x.shape[:2] or not (
             (weight >= 0).all() and weight.sum() > 0 and (not last_token_only or weight[:, -1].all())))
     if bad:
-        shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
-        raise SPDError(f"next_batch() gave x {shape(x)}, weight {shape(weight)}; it must give tokens "
+        raise SPDError(f"next_batch() gave x {_shape(x)}, weight {_shape(weight)}; it must give tokens "
                        f"(B, S), B, S >= 1, or (tokens, weight (B, S) >= 0, not all 0; > 0 at the "
                        f"final positions with last_token_only: pad on the left)")
 

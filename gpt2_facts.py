@@ -527,7 +527,7 @@ RULES = {**spd.CONFIG_RULES,  # the allowed values of FactsConfig's own fields
          "preset": (lambda v: True, "any text"), "patterns": (lambda v: v != "", "module globs"),
          "edit_patterns": (lambda v: v != "", "module globs"),
          "threshold": (lambda v: 0 <= v < 1, "in [0, 1)"), "out_dir": (lambda v: v != "", "a folder"),
-         "tiny_path": spd._FILE, "threads": spd._at_least(0)}
+         "tiny_path": spd._FILE, "threads": spd._THREADS}
 
 def parse_config(argv):
     """FactsConfig from '--key=value' strings: the preset's dict first, then the overrides."""

@@ -177,6 +177,8 @@ class InductionTransformer(nn.Module):
         encoding is NOT added to the query there (the mechanism check of Section 6.1).
         """
         S = tokens.shape[1]
+        if S > len(self.pe):
+            raise spd.SPDError(f"sequences of {S} tokens; this model has {len(self.pe)} positions")
         x = self.embed(tokens)  # (B,S,d), the residual stream holds no position
         pe = self.pe[:S]  # (S,d), the same positions in every layer
         pe_q0 = pe  # positions added to layer 0's queries
@@ -865,7 +867,7 @@ RULES = {**spd.CONFIG_RULES,  # the allowed values of InductionConfig's own fiel
          "target_weight_decay": spd._NONNEGATIVE, "target_warmup": spd._at_least(0),
          "target_stop_acc": spd._POSITIVE, "target_eval_every": spd._at_least(1),
          "target_path": spd._FILE, "out_dir": (lambda v: v != "", "a folder"),
-         "threads": spd._at_least(0), "max_memory_gb": spd._POSITIVE,
+         "threads": spd._THREADS, "max_memory_gb": spd._POSITIVE,
          "bench_against": (lambda v: v == "" or os.path.isfile(v), "an existing spd.py file")}
 
 

@@ -184,7 +184,10 @@ class SPDModel(nn.Module):
         mask_sets[k] maps layer names to alpha (B, S, C); a layer absent from a set keeps the
         target weight in that set's rows (the layerwise and partial losses need this).
         Returns logits (K, B, S, vocab), or (K, B, vocab) of the final position if final_only."""
-        K, B = len(mask_sets), x.shape[0]
+        K, B, M = len(mask_sets), x.shape[0], self.spec["max_seq_len"]
+        if M and x.dim() > 1 and x.shape[1] > M:
+            raise SPDError(f"sequences of {x.shape[1]} positions, but this SPDModel was built with "
+                           f"max_seq_len={M}: pass shorter ones")
         bad = next((a for m in mask_sets for a in m.values() if a.shape[:2] != (B, x.shape[1])), None)
         if bad is not None:
             raise SPDError(f"a mask has shape {tuple(bad.shape)}; masks are (B, S, C) = "
@@ -918,6 +921,8 @@ _POSITIVE = (lambda v: 0 < v < math.inf, "> 0 and finite")
 _NONNEGATIVE = (lambda v: 0 <= v < math.inf, ">= 0 and finite")
 _FILE = (lambda v: v != "" and not v.endswith(("/", os.sep)) and not os.path.isdir(v),
          "a file's path, not a folder")
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+_THREADS = (lambda v: 0 <= v <= _CPUS, f"0 (one per core) to {_CPUS}, the cores this process may use")
 CONFIG_RULES = {  # field -> (allowed?, what is allowed) for every non-bool field of Config
     "C": _at_least(1), "ci": _one_of("scalar", "vector", "attention"), "d_gate": _at_least(1),
     "n_mask_samples": _at_least(1),

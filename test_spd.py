@@ -1022,6 +1022,15 @@ def test_api_numpy_sizes_other_outputs_and_bad_tokens(tmp_path):
         with pytest.raises(spd.SPDError, match=re.escape(f"causal_importances needs tokens (B, S) as a tensor, "
                                                          f"B, S >= 1; got {got}")):
             spd.causal_importances(s, bad)
+    long = torch.randint(0, 11, (2, 9))                        # tiny() has 8 positions
+    with pytest.raises(spd.SPDError, match=re.escape("sequences of 9 positions, but this SPDModel was "
+                                                     "built with max_seq_len=8: pass shorter ones")):
+        spd.causal_importances(spd.SPDModel(m, "blocks.0.attn.q_proj", C=2, max_seq_len=8), long)
+    for ci in ("vector", "attention"):                          # (the target's own one-line error)
+        t = induction.InductionTransformer(vocab_size=8, max_seq_len=8)
+        s = spd.SPDModel(t, "blocks.0.attn.q_proj", C=2, ci=ci, max_seq_len=16)
+        with pytest.raises(spd.SPDError, match="sequences of 9 tokens; this model has 8 positions"):
+            spd.causal_importances(s, long)
 
 
 def test_bad_api_input_is_a_one_line_error(tmp_path):
@@ -1998,6 +2007,8 @@ BAD_INDUCTION = {  # case -> (extra argv, expected message, file to break first)
     "target_dir_is_a_file": (["--target_path={d}/spd.pt/t.pt", "--out_dir={d}/new"], r"cannot make the folder .*spd.pt' for --target_path", None),
     "int_not_whole": (["--steps=1.25e1"], r"--steps needs an int, got '1.25e1'", None),
     "int_infinite": (["--seed=1e400"], r"--seed needs an int, got '1e400'", None),
+    "threads": ([f"--threads={spd._CPUS + 1}"], rf"--threads={spd._CPUS + 1} is out of range: it must be 0 "
+                rf"\(one per core\) to {spd._CPUS}, the cores", None),
     "cuda_missing": (["--device=cuda:64"], r"--device=cuda:64 but there is no such CUDA device; use --device=cpu", None),
     "device_auto_n": (["--device=auto:3"], r"--device=auto:3 is out of range: it must be cpu, cuda, cuda:N or auto", None),
     "two_modes": (["--table1", "--svd-baseline"], r"--table1 and --svd-baseline: one mode at a time", None),
@@ -2065,6 +2076,8 @@ def test_bad_input_never_loses_work(case, finished_runs, capsys):
     (["--C=0"], "--C=0 is out of range"), (["--threshold=-0.1"], "--threshold=-0.1 is out of range"),
     (["--batch_size=3"], "--batch_size must be a multiple of 2"), (["--steps=-1"], "--steps=-1 is out of range"),
     (["--last_token_only=true"], "the facts are right-padded"),
+    ([f"--threads={spd._CPUS + 1}"], f"--threads={spd._CPUS + 1} is out of range: it must be 0 (one per core) "
+                                     f"to {spd._CPUS}"),
 ])
 def test_facts_bad_config(extra, message, capsys):
     with pytest.raises(SystemExit) as e:

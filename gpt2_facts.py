@@ -22,7 +22,7 @@ then:
   7) looks for where the facts are: each block's output zeroed at the name tokens only, the
      search of 1) in every decomposed matrix, every active layer-0 MLP direction at the names.
 Tables go to stdout, everything to <out_dir>/results.json (and figures 3, 4, 9 as PNGs if
-matplotlib is importable), the decomposition to <out_dir>/spd.pt.
+matplotlib is importable), the decomposition to <out_dir>/spd.pt (unless --save=false).
 
 The models, all `transformers.GPT2LMHeadModel` with the same Conv1D module paths
 (transformer.h.{i}.attn.c_attn / attn.c_proj / mlp.c_fc / mlp.c_proj, weight (d_in, d_out)):

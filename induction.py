@@ -936,6 +936,12 @@ def main(argv):
                           "cpu" if cfg.device == "auto" else cfg.device)
     out = lambda name: os.path.join(cfg.out_dir, name)
     stamp = time.strftime("%Y%m%d_%H%M%S") + f"_{os.getpid()}"      # (two runs in one second: two)
+
+    def kept(name):  # a measurement's file name; an earlier one's file of that name is kept
+        if not os.path.exists(out(name + ".json")):
+            return name
+        print(f"{out(name + '.json')} is kept (an earlier measurement); this one: {name}_{stamp}.json")
+        return f"{name}_{stamp}"
     done = [f for f in ("spd.pt", "table1.json") if os.path.exists(out(f))]
     if not modes and done:                            # (a finished run has no checkpoint left)
         raise spd.SPDError(f"{cfg.out_dir} holds a finished run ({done[0]}); " + ("nothing to resume"
@@ -996,15 +1002,16 @@ def main(argv):
         r = table1(s.to(device), target, cfg)
         print_table1(r)
         other = "" if cfg.threshold == InductionConfig.threshold else f"_threshold_{cfg.threshold}"
-        spd.atomic_write(out(f"table1_{cfg.eval_batch}_sequences{other}.json"), r)
+        spd.atomic_write(out(kept(f"table1_{cfg.eval_batch}_sequences{other}") + ".json"), r)
         return r
     if "--svd-baseline" in modes:
         s, saved = spd.load(out("spd.pt"), target)
         check_same_run(saved, cfg, given, out("spd.pt"))
         r = figure2(s.to(device), target, cfg)
         print_figure2(r)
-        name = "figure2" + ("" if cfg.eval_batch == InductionConfig.eval_batch else f"_{cfg.eval_batch}_sequences")
-        spd.atomic_write(out(f"{name}.json"), r)         # (the same sequences give the same file)
+        name = kept("figure2" + ("" if cfg.eval_batch == InductionConfig.eval_batch else
+                                 f"_{cfg.eval_batch}_sequences"))
+        spd.atomic_write(out(f"{name}.json"), r)
         if save_figure2(r, out(f"{name}.png")):
             print(f"saved {out(name + '.png')}")
         return r

@@ -1626,10 +1626,17 @@ def test_induction_script_smoke(tmp_path, capsys):
     induction.main(induction_argv(tmp_path, "--table1", "--threshold=0.2"))
     assert (tmp_path / "table1_32_sequences_threshold_0.2.json").exists()
     assert (tmp_path / "table1_32_sequences.json").read_bytes() == before
+    (tmp_path / "table1_32_sequences.json").write_text("{}")            # an earlier measurement's file
+    induction.main(induction_argv(tmp_path, "--table1"))                # is kept; this one is stamped
+    assert (tmp_path / "table1_32_sequences.json").read_text() == "{}"
+    again = [p for p in os.listdir(tmp_path) if re.fullmatch(r"table1_32_sequences_\d{8}_\d{6}_\d+\.json", p)]
+    assert len(again) == 1 and (tmp_path / again[0]).read_bytes() == before
     # Figure 2 on the saved decomposition
     fig = induction.main(induction_argv(tmp_path, "--svd-baseline"))
     assert (tmp_path / "figure2_32_sequences.json").exists() and fig["full_rank"] == 6 * 16  # (not 1024:
     assert not (tmp_path / "figure2.json").exists()             # another file, so neither replaces the other)
+    induction.main(induction_argv(tmp_path, "--svd-baseline"))
+    assert len([p for p in os.listdir(tmp_path) if p.startswith("figure2_32_sequences_") and p.endswith(".json")]) == 1
     assert [p["pieces"] for p in fig["svd"]] == sorted(p["pieces"] for p in fig["svd"])[::-1]
     assert all(0 <= p["pieces"] <= 6 * 8 for p in fig["spd"])
 
@@ -1936,9 +1943,10 @@ def test_training_on_cuda_flex_equals_math_and_lowers_loss():
     runs = []
     for flex in (False, True):                      # the run below trains the flex one
         torch.manual_seed(0)
-        s = spd.SPDModel(target, list(induction.MATRICES.values()), C=8, d_gate=4,
+        s = spd.SPDModel(target, list(induction.MATRICES.values()), C=8, ci="attention", d_gate=4,
                          max_seq_len=64).cuda()
         for layer in s.layers.values():
+            assert isinstance(layer.ci, spd.AttentionCI)   # (flex is the attention CI's; once a vector CI)
             layer.ci.flex = flex
         torch.manual_seed(1)
         loss = spd.training_step(s, x, cfg, 0)[0]

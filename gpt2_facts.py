@@ -739,14 +739,14 @@ def run(cfg):
     print(f"{cfg.steps} steps, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr}, "
           f"expected ~{step_s * cfg.steps / 60:.1f} min ({1 / step_s:.1f} steps/s measured)")
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
     history = spd.train(s, cfg, lambda: (xb, wb), log=print, checkpoint=checkpoint)
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     train_s = time.time() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     last = history[-1]
     terms = [k for k in last if k not in ("step", "total", "L0", "it/s")]
     print(f"\ndecomposition done: {train_s:.0f} s, {cfg.steps / train_s:.1f} steps/s"
@@ -799,7 +799,7 @@ def analyses(model, s, x, weight, tokens, tokenizer, edit_layers, P0, cfg):
 
 def time_step(s, cfg, x, weight, n=2):
     """Seconds per training step (forward + backward, no update) for the runtime estimate."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(x.device)) if x.is_cuda else (lambda: None)
     spd.training_step(s, x, cfg, 0, weight)[0].backward()          # warm-up
     sync()
     t = time.time()

@@ -736,12 +736,12 @@ def timing_model(target, S):
     return m.to(next(target.parameters()).device)
 
 
-def step_memory_gb(B, S, C, H, n_matrices, ci, K):
+def step_memory_gb(B, S, C, H, n_matrices, ci, flex=False):
     """Rough peak memory of one step in float32: the CI MLPs' saved activations (~7 tensors of
     B·S·C·H per matrix, as measured on a GPU) and, for the attention CI without flex, its scores (~3 of B·S² per
-    matrix). The target's own attention runs through a fused kernel (O(S)) and is left out."""
+    matrix; flex never builds them). The target's own attention runs through a fused kernel (O(S)) and is left out."""
     floats = n_matrices * 7 * B * S * C * H
-    floats += n_matrices * 3 * B * S * S if ci == "attention" else 0
+    floats += n_matrices * 3 * B * S * S if ci == "attention" and not flex else 0
     return floats * 4 / 1e9
 
 
@@ -762,7 +762,6 @@ def table2(target, cfg, lengths=(16, 64, 1024, 10240), repeats=5, log=print):
     Batch 64, 4 at 10240 (as the paper)."""
     device = next(target.parameters()).device
     names = list(decomposed_matrices(True).values())
-    K = 1 + 1 + len(names)                               # recon + stochastic + layerwise mask sets
     rows = {k: [] for k in PAPER_TABLE2}
     for S in lengths:
         B = 4 if S >= 10240 else 64
@@ -771,7 +770,7 @@ def table2(target, cfg, lengths=(16, 64, 1024, 10240), repeats=5, log=print):
         for label in PAPER_TABLE2:
             ci, flex = ("attention" if "Attention" in label else label.lower()), "(flex)" in label
             bench = anchor_config(spd, ci, B, device)
-            gb = step_memory_gb(B, S, bench.C, bench.d_gate, len(names), ci, K)
+            gb = step_memory_gb(B, S, bench.C, bench.d_gate, len(names), ci, flex)
             if flex and device.type != "cuda":
                 rows[label].append("no backward on CPU")
                 continue
@@ -783,6 +782,8 @@ def table2(target, cfg, lengths=(16, 64, 1024, 10240), repeats=5, log=print):
             for layer in s.layers.values():
                 layer.ci.flex = flex if ci == "attention" else None
             opt = spd.make_optimizer(s, bench)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)     # (this row's peak, not an earlier one's)
             try:
                 times = [timed_step(spd, s, x, bench, opt, i) for i in range(2 + repeats)]  # 2 warm-up
             except torch.OutOfMemoryError:
@@ -795,10 +796,8 @@ def table2(target, cfg, lengths=(16, 64, 1024, 10240), repeats=5, log=print):
                     torch.cuda.empty_cache()
             step = sorted(times[2:])[repeats // 2]
             rows[label].append(1 / step)
-            mem = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
+            mem = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
             log(f"  S {S:5d} B {B:2d} {label:20s} {1 / step:7.2f} it/s  ({step * 1000:.0f} ms/step{mem})")
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
     return rows
 
 
@@ -810,7 +809,7 @@ def timed_step(module, s, x, cfg, opt, step):
     loss.backward()
     opt.step()
     if x.is_cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(x.device)
     return time.perf_counter() - t
 
 
@@ -980,7 +979,7 @@ def main(argv):
         return mech
     target = load_or_train_target(cfg.target_path, **train_kwargs).to(device)
     if "--table2" in modes:
-        name = torch.cuda.get_device_name() if device.type == "cuda" else \
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
             f"CPU, {torch.get_num_threads()} threads"
         lengths = (16, 64, 1024, 10240)
         rows = table2(target, cfg, lengths)

@@ -374,7 +374,7 @@ class AttentionCI(nn.Module):
         self.abs = nn.Parameter(torch.randn(max_seq_len, d) * 0.02)
         self.gamma = GammaMLPs(C, H, 2 * d)
         self.max_seq_len, self.causal = max_seq_len, causal
-        self.flex = None                                        # None: flex-attention on CUDA only
+        self.flex = None                                        # None: by device and size (below)
 
     def forward(self, x, V=None):                              # x (B, S, d)
         S, M = x.shape[1], self.max_seq_len
@@ -389,9 +389,10 @@ class AttentionCI(nn.Module):
 
 def ci_attention(q, k, v, r, causal=True, flex=None):
     """softmax((q kᵀ + r) / √d) v with r[i - j + S - 1] the bias of query i, key j. flex=None picks
-    flex-attention (compiled) on CUDA, plain math elsewhere (torch 2.13's flex has no CPU backward)."""
+    flex-attention (compiled) on CUDA for head sizes d 16-256, plain math elsewhere (torch 2.13's flex
+    has no CPU backward, no CUDA kernel for d < 16, and runs out of shared memory in fp32 above 256)."""
     S, d = q.shape[-2], q.shape[-1]
-    if (q.is_cuda if flex is None else flex):
+    if (q.is_cuda and 16 <= d <= 256 if flex is None else flex):
         return _flex_attention(q, k, v, r, causal)
     i = torch.arange(S, device=q.device)
     bias = r[i[:, None] - i[None, :] + S - 1]                                  # (S, S)
@@ -862,8 +863,8 @@ def load_checkpoint(path, spd, opt, cfg, data_rng=None):
     _restore(spd, path, ckpt)
     opt.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"])
-    if ckpt["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    for i, state in enumerate(ckpt["cuda_rng"][:torch.cuda.device_count()]):  # (saved with more GPUs: theirs)
+        torch.cuda.set_rng_state(state, i)
     if data_rng is not None and ckpt["data_rng"] is not None:
         data_rng.set_state(ckpt["data_rng"])
     return ckpt["step"], ckpt["history"]

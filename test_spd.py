@@ -552,6 +552,18 @@ def test_attention_fallback_equals_flex(causal):
     assert torch.allclose(math_path, ref, atol=1e-5)
 
 
+def test_attention_picks_flex_on_cuda_only_where_its_kernels_run(monkeypatch):
+    """flex=None: flex-attention for CUDA tensors with head size 16-256 (torch 2.13's Triton kernels
+    refuse d < 16 and run out of shared memory above 256 in fp32), plain math for the rest."""
+    used = []
+    monkeypatch.setattr(spd, "_flex_attention", lambda q, *a: used.append(q.shape[-1]) or q)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: t.device.type == "cpu"))  # pretend
+    for d in (8, 15, 16, 64, 256, 257, 768):
+        q, r = torch.randn(1, 4, d), torch.zeros(7)
+        spd.ci_attention(q, q, q, r)
+    assert used == [16, 64, 256]
+
+
 def test_attention_ci_is_position_dependent():
     torch.manual_seed(0)
     ci = spd.AttentionCI(d=8, C=5, H=4, max_seq_len=10)
@@ -2181,6 +2193,25 @@ def test_every_config_field_has_a_rule():
                        (gpt2_facts.FactsConfig(), gpt2_facts.RULES)]:
         assert {f.name for f in dataclasses.fields(cfg) if f.type not in (bool, "bool")} <= set(rules)
         spd.check_config(cfg, rules)                                  # the defaults are allowed
+
+
+def test_resume_restores_the_cuda_rng_of_the_gpus_there_are(tmp_path, monkeypatch):
+    """A checkpoint saved with more GPUs than the machine has restores the states of those it has
+    (torch's set_rng_state_all would fail on the extra ones); without CUDA none."""
+    s = spd.SPDModel(tiny(), "blocks.0.attn.q_proj", C=2, ci="vector", d_gate=2)
+    cfg = config_for(s, steps=3)
+    opt = spd.make_optimizer(s, cfg)
+    spd.save_checkpoint(str(tmp_path / "c.pt"), s, opt, cfg, 1, [])
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
+    ckpt["cuda_rng"] = [torch.full((8,), i, dtype=torch.uint8) for i in range(3)]   # saved on 3 GPUs
+    torch.save(ckpt, tmp_path / "c.pt")
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, i: restored.append((int(state[0]), i)))
+    for gpus, expect in [(0, []), (1, [(0, 0)]), (2, [(0, 0), (1, 1)])]:
+        restored.clear()
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        assert spd.load_checkpoint(str(tmp_path / "c.pt"), s, opt, cfg)[0] == 1
+        assert restored == expect
 
 
 def test_resume_is_exact_and_checked(tmp_path, ctrl_c_fails):

@@ -1897,13 +1897,13 @@ def test_oracle_pieces_on_the_committed_target():
     """Why Table 1's Q0 and K0 take several pieces on our target (README): with SPD's stochastic
     masks on every piece that is off, the circuit needs, on these 512 sequences, two directions of
     Q0 at m and two of K0 at s1 (data basis; one: KL > 1e-2) and three of W's singular directions;
-    on 8192, where rare sequences count, three data directions of each on at once (two of each:
-    > 1e-3); with alpha = 0 where g = 0 instead, one data direction of each is enough. The bases
+    on 8192, where rare sequences count, two of each on at once leave > 1e-3, three of each 10x
+    less; with alpha = 0 where g = 0 instead, one data direction of each is enough. The bases
     reproduce W."""
     target = induction.load_or_train_target(COMMITTED_TARGET, log=lambda *a: None)
     kl = lambda basis, draws, **ranks: induction.oracle_kl(target, 512, ranks=ranks, draws=draws, basis=basis)
     wide = lambda **ranks: induction.oracle_kl(target, 8192, ranks=ranks, draws=4, basis="data")
-    assert wide(Q0=2, K0=2) > 1e-3 and wide(Q0=3, K0=3) < 1e-4
+    assert wide(Q0=2, K0=2) > 1e-3 > 10 * wide(Q0=3, K0=3)                     # (7.8e-5 here)
     assert abs(kl("data", 0) - kl("svd", 0)) < 1e-6 and kl("svd", 0) < 5e-4   # all d pieces: U V = W
     for m in ("Q0", "K0"):
         assert kl("data", 4, **{m: 1}) > 1e-2 and kl("data", 4, **{m: 2}) < 1e-5

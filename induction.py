@@ -178,7 +178,8 @@ class InductionTransformer(nn.Module):
         """
         S = tokens.shape[1]
         if S > len(self.pe):
-            raise spd.SPDError(f"sequences of {S} tokens; this model has {len(self.pe)} positions")
+            raise spd.SPDError(f"sequences of {S} tokens; this model has {len(self.pe)} positions: pass "
+                               f"at most {len(self.pe)}, or build it with a larger max_seq_len")
         x = self.embed(tokens)  # (B,S,d), the residual stream holds no position
         pe = self.pe[:S]  # (S,d), the same positions in every layer
         pe_q0 = pe  # positions added to layer 0's queries

@@ -389,10 +389,11 @@ class AttentionCI(nn.Module):
 
 def ci_attention(q, k, v, r, causal=True, flex=None):
     """softmax((q kᵀ + r) / √d) v with r[i - j + S - 1] the bias of query i, key j. flex=None picks
-    flex-attention (compiled) on CUDA for head sizes d 16-256, plain math elsewhere (torch 2.13's flex
-    has no CPU backward, no CUDA kernel for d < 16, and runs out of shared memory in fp32 above 256)."""
+    flex-attention (compiled) on CUDA for head sizes d 16, 32, 64, 128, plain math elsewhere (torch
+    2.13's flex has no CPU backward and no CUDA kernel for d < 16; in fp32 larger or padded sizes may
+    not fit a GPU's shared memory; only d 16 has run, on an H100)."""
     S, d = q.shape[-2], q.shape[-1]
-    if (q.is_cuda and 16 <= d <= 256 if flex is None else flex):
+    if (q.is_cuda and d in (16, 32, 64, 128) if flex is None else flex):
         return _flex_attention(q, k, v, r, causal)
     i = torch.arange(S, device=q.device)
     bias = r[i[:, None] - i[None, :] + S - 1]                                  # (S, S)

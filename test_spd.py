@@ -553,15 +553,16 @@ def test_attention_fallback_equals_flex(causal):
 
 
 def test_attention_picks_flex_on_cuda_only_where_its_kernels_run(monkeypatch):
-    """flex=None: flex-attention for CUDA tensors with head size 16-256 (torch 2.13's Triton kernels
-    refuse d < 16 and run out of shared memory above 256 in fp32), plain math for the rest."""
+    """flex=None: flex-attention for CUDA tensors with head size 16, 32, 64 or 128 (torch 2.13's Triton
+    kernels refuse d < 16; larger or padded sizes may not fit in shared memory in fp32), plain math
+    for the rest."""
     used = []
     monkeypatch.setattr(spd, "_flex_attention", lambda q, *a: used.append(q.shape[-1]) or q)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: t.device.type == "cpu"))  # pretend
-    for d in (8, 15, 16, 64, 256, 257, 768):
+    for d in (8, 15, 16, 24, 32, 64, 100, 128, 256, 768):
         q, r = torch.randn(1, 4, d), torch.zeros(7)
         spd.ci_attention(q, q, q, r)
-    assert used == [16, 64, 256]
+    assert used == [16, 32, 64, 128]
 
 
 def test_attention_ci_is_position_dependent():
@@ -1042,7 +1043,7 @@ def test_api_numpy_sizes_other_outputs_and_bad_tokens(tmp_path):
         t = induction.InductionTransformer(vocab_size=8, max_seq_len=8)
         s = spd.SPDModel(t, "blocks.0.attn.q_proj", C=2, ci=ci, max_seq_len=16)
         with pytest.raises(spd.SPDError, match="sequences of 9 tokens; this model has 8 positions"):
-            spd.causal_importances(s, long)
+            spd.causal_importances(s, long % 10)                 # (tokens it has: vocab_size + 2)
 
 
 def test_bad_api_input_is_a_one_line_error(tmp_path):
@@ -1897,13 +1898,13 @@ def test_oracle_pieces_on_the_committed_target():
     """Why Table 1's Q0 and K0 take several pieces on our target (README): with SPD's stochastic
     masks on every piece that is off, the circuit needs, on these 512 sequences, two directions of
     Q0 at m and two of K0 at s1 (data basis; one: KL > 1e-2) and three of W's singular directions;
-    on 8192, where rare sequences count, two of each on at once leave > 1e-3, three of each 10x
-    less; with alpha = 0 where g = 0 instead, one data direction of each is enough. The bases
+    on 8192, where rare sequences count, two of each on at once leave > 1e-3, several times what
+    three of each leave (6-50x over four draws of sequences, README); with alpha = 0 where g = 0 instead, one data direction of each is enough. The bases
     reproduce W."""
     target = induction.load_or_train_target(COMMITTED_TARGET, log=lambda *a: None)
     kl = lambda basis, draws, **ranks: induction.oracle_kl(target, 512, ranks=ranks, draws=draws, basis=basis)
     wide = lambda **ranks: induction.oracle_kl(target, 8192, ranks=ranks, draws=4, basis="data")
-    assert wide(Q0=2, K0=2) > 1e-3 > 10 * wide(Q0=3, K0=3)                     # (7.8e-5 here)
+    assert wide(Q0=2, K0=2) > max(1e-3, 3 * wide(Q0=3, K0=3))         # (4.0e-3 and 7.8e-5 here)
     assert abs(kl("data", 0) - kl("svd", 0)) < 1e-6 and kl("svd", 0) < 5e-4   # all d pieces: U V = W
     for m in ("Q0", "K0"):
         assert kl("data", 4, **{m: 1}) > 1e-2 and kl("data", 4, **{m: 2}) < 1e-5
@@ -2100,12 +2101,12 @@ def test_bad_input_never_loses_work(case, finished_runs, capsys):
     (["--C=0"], "--C=0 is out of range"), (["--threshold=-0.1"], "--threshold=-0.1 is out of range"),
     (["--batch_size=3"], "--batch_size must be a multiple of 2"), (["--steps=-1"], "--steps=-1 is out of range"),
     (["--last_token_only=true"], "the facts are right-padded"),
-    ([f"--threads={spd._CPUS + 1}"], f"--threads={spd._CPUS + 1} is out of range: it must be 0 (one per core) "
-                                     f"to {spd._CPUS}"),
+    ([f"--threads={spd._CPUS + 1}", "--steps=1", "--save=false"],
+     f"--threads={spd._CPUS + 1} is out of range: it must be 0 (one per core) to {spd._CPUS}"),
 ])
-def test_facts_bad_config(extra, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        gpt2_facts.main(["--model=tiny", *extra])
+def test_facts_bad_config(extra, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:             # (a check that regressed: a short run, in tmp_path)
+        gpt2_facts.main(["--model=tiny", f"--out_dir={tmp_path}", *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code != 0 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 

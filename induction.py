@@ -937,11 +937,13 @@ def main(argv):
     out = lambda name: os.path.join(cfg.out_dir, name)
     stamp = time.strftime("%Y%m%d_%H%M%S") + f"_{os.getpid()}"      # (two runs in one second: two)
 
-    def kept(name):  # a measurement's file name; an earlier one's file of that name is kept
-        if not os.path.exists(out(name + ".json")):
-            return name
-        print(f"{out(name + '.json')} is kept (an earlier measurement); this one: {name}_{stamp}.json")
-        return f"{name}_{stamp}"
+    def kept(name):  # a measurement's file name (.json, .png); an earlier one's files are kept
+        new, i = name, 0
+        while any(os.path.exists(out(new + ext)) for ext in (".json", ".png")):
+            i, new = i + 1, f"{name}_{stamp}" + (f"_{i}" if i else "")
+        if new != name:
+            print(f"{out(name)}.json is kept (an earlier measurement); this one: {new}.json")
+        return new
     done = [f for f in ("spd.pt", "table1.json") if os.path.exists(out(f))]
     if not modes and done:                            # (a finished run has no checkpoint left)
         raise spd.SPDError(f"{cfg.out_dir} holds a finished run ({done[0]}); " + ("nothing to resume"

@@ -1899,8 +1899,8 @@ def test_oracle_pieces_on_the_committed_target():
     masks on every piece that is off, the circuit needs, on these 512 sequences, two directions of
     Q0 at m and two of K0 at s1 (data basis; one: KL > 1e-2) and three of W's singular directions;
     on 8192, where rare sequences count, two of each on at once leave > 1e-3, several times what
-    three of each leave (6-50x over four draws of sequences, README); with alpha = 0 where g = 0 instead, one data direction of each is enough. The bases
-    reproduce W."""
+    three of each leave (6-50x over four draws of sequences, README); with alpha = 0 where g = 0
+    instead, one data direction of each is enough. The bases reproduce W."""
     target = induction.load_or_train_target(COMMITTED_TARGET, log=lambda *a: None)
     kl = lambda basis, draws, **ranks: induction.oracle_kl(target, 512, ranks=ranks, draws=draws, basis=basis)
     wide = lambda **ranks: induction.oracle_kl(target, 8192, ranks=ranks, draws=4, basis="data")

@@ -573,7 +573,9 @@ def merge(*chosen):
 def orthogonal_projection(W, u, v):
     """W - Σ_k (û_kᵀ W v̂_k) û_k v̂_kᵀ with û = u/|u|, v̂ = v/|v| (Sec. 5.2); an edited copy.
 
-    W (d_out, d_in), u (k, d_out) output directions, v (k, d_in) input directions."""
+    W (d_out, d_in), u (k, d_out) output directions, v (k, d_in) input directions. The paper's
+    formula as written: with one pair, ûᵀ W' v̂ = 0; with pairs that are not orthogonal to each
+    other the sum is not a projection (û_kᵀ W' v̂_k need not be 0, and a second edit changes W)."""
     if W.dim() != 2 or u.dim() != 2 or v.dim() != 2 or u.shape != (len(v), W.shape[0]) \
             or v.shape[1] != W.shape[1]:
         raise spd.SPDError(f"orthogonal_projection needs W (d_out, d_in), u (k, d_out), v (k, d_in); "

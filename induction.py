@@ -482,6 +482,8 @@ def table1(s, target, cfg):
                "attn_kl_layer1": every[0], "attn_kl_layer2": every[1], "attn_kl_mean": sum(every) / 2,
                "attn_kl_layer1_query_m": kl[0][b, m].mean().item(),
                "attn_kl_layer2_query_s2": kl[1][:, -1].mean().item()}
+    metrics["attn_kl_mean_circuit"] = (metrics["attn_kl_layer1_query_m"]
+                                       + metrics["attn_kl_layer2_query_s2"]) / 2   # (Table 1: the mean of the two)
     n_oracle = 8 * B                                                  # (sequences of its own)
     oracle, oracle_attn = oracle_kl(target, n_oracle, attention=True)
     return {"threshold": cfg.threshold, "eval_sequences": B, "active": active, "unique": unique,
@@ -591,7 +593,8 @@ def print_table1(r, log=print):
         "query position, or at the circuit's query only (m in layer 1, s2 in layer 2). The paper does "
         "not say which; we compare the circuit's (marked *): the losses constrain only the final "
         "token, so attention at other queries is free to change (README)")
-    compared = {"attn_kl_layer1_query_m": "attn_kl_layer1", "attn_kl_layer2_query_s2": "attn_kl_layer2"}
+    compared = {"attn_kl_layer1_query_m": "attn_kl_layer1", "attn_kl_layer2_query_s2": "attn_kl_layer2",
+                "attn_kl_mean_circuit": "attn_kl_mean"}
     for k, v in r["metrics"].items():
         paper = P["metrics"].get(compared.get(k, k))
         mark = "*" if k in compared else " "

@@ -336,8 +336,14 @@ class _ChunkedGamma(torch.autograd.Function):
     def backward(ctx, grad):                                   # grad (N, C)
         x, W1, b1, W2 = ctx.saved_tensors
         (C, H), R = W2.shape, ctx.rows
+        kept, ctx.kept = ctx.kept, None
+        if torch.is_grad_enabled():     # create_graph: the plain form's gradient, itself differentiable
+            h = _ChunkedGamma.hidden(ctx.scalar, x, W1, b1, C, H)
+            wrt = [t for t, need in zip((x, W1, b1, W2), ctx.needs_input_grad[1:5]) if need]
+            got = iter(torch.autograd.grad((F.gelu(h) * W2).sum(-1), wrt, grad, create_graph=True)
+                       if wrt else ())
+            return None, *(next(got) if need else None for need in ctx.needs_input_grad[1:5]), grad.sum(0)
         gx, gW1, gb1, gW2 = (torch.zeros_like(t) for t in (x, W1, b1, W2))
-        kept, ctx.kept = (None if torch.is_grad_enabled() else ctx.kept), None  # create_graph: recompute
         for i in range(0, len(x), R):
             xc, g = x[i:i + R], grad[i:i + R, :, None]        # (n, d), (n, C, 1)
             h, a = kept[i // R] if kept else (_ChunkedGamma.hidden(ctx.scalar, xc, W1, b1, C, H), None)

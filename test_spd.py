@@ -259,18 +259,26 @@ def test_chunked_gamma_equals_reference(ci, rows, keep, monkeypatch):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_chunked_gamma_second_derivative():
-    """With create_graph (a second derivative) the one-chunk path recomputes h, as the kept h
-    has no graph: d(|dL/dW1|²)/dW1 equals the reference's, and a retained graph runs twice."""
+@pytest.mark.parametrize("ci", ["scalar", "vector", "attention"])
+def test_chunked_gamma_second_derivative(ci):
+    """With create_graph (a second derivative) the chunked path differentiates the plain form (its
+    own backward writes in place, and a kept h has no graph): the second derivative of |dL/dθ|²
+    into the input and every parameter equals the reference's; a retained graph runs twice."""
     torch.manual_seed(0)
-    f = spd.GammaMLPs(6, 4, 5).double()
-    x = torch.randn(20, 5, dtype=torch.float64)
+    f = spd.make_ci(ci, 5, 6, 4, max_seq_len=9).double()
+    x = torch.randn(2, 9, 5, dtype=torch.float64, requires_grad=True)
+    V = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    tensors = [x, V, *f.parameters()]
 
     def second(chunked):
-        f.chunked = chunked
-        (gW1,) = torch.autograd.grad((f(x) ** 2).sum(), [f.W1], create_graph=True)
-        return torch.autograd.grad((gW1 ** 2).sum(), [f.W1])[0]
-    assert torch.allclose(second(True), second(False), rtol=1e-10)
+        use_chunked_gamma(f, chunked)
+        first = torch.autograd.grad((f(x, V) ** 2).sum(), tensors, create_graph=True, allow_unused=True)
+        total = sum((g ** 2).sum() for g in first if g is not None)
+        return [g for g in torch.autograd.grad(total, tensors, allow_unused=True) if g is not None]
+    for a, b in zip(second(True), second(False), strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    f = spd.GammaMLPs(6, 4, 5).double()
+    x = torch.randn(20, 5, dtype=torch.float64)
     f.chunked = True
     y = f(x).sum()
     assert torch.equal(*(torch.autograd.grad(y, [f.W1], retain_graph=True)[0] for _ in range(2)))
@@ -1611,6 +1619,8 @@ def test_induction_script_smoke(tmp_path, capsys):
     assert all(math.isfinite(v) and v >= -1e-6 for v in r["metrics"].values())
     assert r["metrics"]["attn_kl_mean"] == pytest.approx(
         (r["metrics"]["attn_kl_layer1"] + r["metrics"]["attn_kl_layer2"]) / 2)
+    assert r["metrics"]["attn_kl_mean_circuit"] == pytest.approx(     # Table 1's Mean: of its two rows
+        (r["metrics"]["attn_kl_layer1_query_m"] + r["metrics"]["attn_kl_layer2_query_s2"]) / 2)
     assert all(0 <= v <= 1 for v in r["mechanism"].values())
     assert len(r["history"]) >= 2 and r["history"][-1]["step"] == 5
     target = induction.load_or_train_target(str(tmp_path / "target.pt"), log=lambda *a: None)

@@ -366,8 +366,8 @@ def load_tiny(path=TINY_PATH):
     tokenizer = SubwordTokenizer()
     made_of = {"tokens": tokenizer.tokens, "sentences": ALL_SENTENCES, "config": TINY_CONFIG}
     if os.path.exists(path):
-        ckpt = spd.read_file(path, "tiny model cache", "pass the right --tiny_path, or delete the file "
-                             "(at a path with no file, the tiny model is trained)",
+        ckpt = spd.read_file(path, "tiny model cache", "pass the right --tiny_path (at a path with no "
+                             "file, the tiny model is trained), or delete it if it is a broken cache",
                              keys=("model", "config", "sentences"))    # (a file of ours; else not over it)
         if all(ckpt.get(k) == v for k, v in made_of.items()):
             model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), **TINY_CONFIG))
@@ -599,10 +599,11 @@ def suppress_subcomponents(target, s, chosen):
             raise spd.SPDError(f"{name!r} is not a decomposed layer; decomposed: {', '.join(s.layers)}")
         layer = s.layers[name]
         try:
-            cs = [int(c) if float(c).is_integer() else c for c in cs]  # (3.0 -> 3; tensors hash by id)
+            cs = None if isinstance(cs, str) else [   # (3.0 -> 3; tensors hash by id; "12" is no list)
+                int(c) if float(c).is_integer() and not isinstance(c, (bool, str)) else c for c in cs]
         except (TypeError, ValueError):                                 # (not a list; nan, inf)
             cs = None
-        if cs is None or len(set(cs)) != len(cs) or not all(isinstance(c, int) and 0 <= c < layer.V.shape[0]
+        if cs is None or len(set(cs)) != len(cs) or not all(type(c) is int and 0 <= c < layer.V.shape[0]
                                                              for c in cs):
             raise spd.SPDError(f"{name}: subcomponents {chosen[name]} must be a list of distinct "
                                f"integers in 0..{layer.V.shape[0] - 1}")
@@ -678,13 +679,22 @@ def sport_and_facts(model, tokenizer):
 
 def run(cfg):
     """Decompose the target over the two athlete facts, run analyses 0-7, write results.json.
-    Returns the results dict."""
+    Returns the results dict. Holds the out_dir's lock throughout: a second run into it stops."""
+    spd.make_dir(cfg.out_dir, "--out_dir")
+    same_dir = os.path.realpath(os.path.dirname(cfg.tiny_path) or ".") == os.path.realpath(cfg.out_dir)
+    if same_dir and os.path.basename(cfg.tiny_path).startswith(("spd.pt", "checkpoint.pt", "results",
+                                                                 "figure")):
+        raise spd.SPDError(f"--tiny_path={cfg.tiny_path} is where this run writes its results; pass "
+                           f"another --tiny_path")
+    with spd._locked(os.path.join(cfg.out_dir, "checkpoint.pt"), whole_run=True):
+        return _run(cfg)
+
+def _run(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     spd.keep_freed_memory()  # fewer page faults per step (README, "Step time"); process-wide
     torch.manual_seed(cfg.seed)
     t_start, device = time.time(), torch.device(cfg.device)
-    spd.make_dir(cfg.out_dir, "--out_dir")
     done = [f for f in ("results.json", "spd.pt") if os.path.exists(os.path.join(cfg.out_dir, f))]
     checkpoint = os.path.join(cfg.out_dir, "checkpoint.pt")
     if cfg.resume and not os.path.exists(checkpoint):         # checked before the model is loaded
@@ -1071,8 +1081,8 @@ def main(argv=None):
     except (MemoryError, RuntimeError) as e:            # torch.OutOfMemoryError is a RuntimeError
         if not any(m in str(e) for m in ("allocate memory", "out of memory", "not enough memory")):
             raise
-        print(f"error: out of memory ({str(e).splitlines()[0][:100]}); use a smaller --batch_size, "
-              f"--C or --d_gate", file=sys.stderr)
+        print(f"error: out of memory ({str(e).splitlines()[0][:160]}); use a smaller --batch_size, "
+              f"--C, --d_gate or --n_mask_samples", file=sys.stderr)
         sys.exit(2)
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ Run:  python induction.py [--preset=cpu|paper] [--key=value ...]   Table 1
 Dimensions: B batch, S sequence, d d_model, V vocabulary, C subcomponents per matrix.
 """
 
+import contextlib
 import copy
 import dataclasses
 import importlib.util
@@ -252,7 +253,8 @@ def train_target(steps=3000, batch_size=256, lr=1e-2, weight_decay=0.01, warmup=
         first = ckpt["step"] + 1
         log(f"continuing {save_path} from step {first}")
     t0, stop = time.time(), []
-    with spd._on_interrupt(lambda: stop.append(True)):    # Ctrl-C: save this step, then stop
+    lock = spd._locked(save_path, "--target_path") if save_path else contextlib.nullcontext()
+    with lock, spd._on_interrupt(lambda: stop.append(True)):    # Ctrl-C: save this step, then stop
         for step in range(first, steps + 1):
             # 1) lr: linear warmup, then constant
             for group in opt.param_groups:
@@ -271,6 +273,12 @@ def train_target(steps=3000, batch_size=256, lr=1e-2, weight_decay=0.01, warmup=
                 mech = mechanism_check(model, n=256)
                 log(f"step {step:6d} | loss {loss.item():.2e} | held-out acc {acc:.4f} | "
                     f"m->s1 {mech['l0_m_to_s1']:.3f} | {time.time() - t0:6.1f}s")
+                if not all(p.isfinite().all() for p in model.parameters()):    # (diverged: save nothing)
+                    raise spd.SPDError(f"step {step}: the target's loss is {loss.item():.3g} and its "
+                                       f"weights are not finite; stopped, " + (
+                                           f"{save_path} is kept as it was" if save_path and
+                                           os.path.exists(save_path) else "nothing saved") +
+                                       "; try a lower --target_lr")
                 if save_path:
                     save_target(model, save_path, step=step, optimizer=opt.state_dict(),
                                 generator=gen.get_state(), recipe=recipe)
@@ -306,6 +314,8 @@ def read_target(path):
     except (TypeError, ValueError, RuntimeError) as e:
         raise spd.SPDError(f"{path} does not hold this code's induction target ({type(e).__name__}); "
                            f"{fix}") from None
+    if not all(p.isfinite().all() for p in model.parameters()):
+        raise spd.SPDError(f"{path} holds weights that are not finite (a target that diverged); {fix}")
     return model, ckpt
 
 
@@ -908,6 +918,9 @@ def check_same_run(saved, cfg, given, path):
                            f"or pass the --out_dir of the run you mean")
 
 
+OUTPUTS = ("spd.pt", "checkpoint.pt", "table1", "table2_", "bench_", "figure2")  # the names main writes
+
+
 def main(argv):
     """python induction.py [--table1 | --table2 | --bench | --svd-baseline | --train-target] [--preset=cpu|paper]
     [--key=value ...]"""
@@ -947,10 +960,15 @@ def main(argv):
         if new != name:
             print(f"{out(name)}.json is kept (an earlier measurement); this one: {new}.json")
         return new
-    done = [f for f in ("spd.pt", "table1.json") if os.path.exists(out(f))]
-    if not modes and done:                            # (a finished run has no checkpoint left)
-        raise spd.SPDError(f"{cfg.out_dir} holds a finished run ({done[0]}); " + ("nothing to resume"
-                           if cfg.resume else "pass another --out_dir, or delete it to run again"))
+    finished = lambda: [f for f in ("spd.pt", "table1.json") if os.path.exists(out(f))]
+    done = finished()
+
+    def refuse_finished():                            # (a finished run has no checkpoint left)
+        if finished():
+            raise spd.SPDError(f"{cfg.out_dir} holds a finished run ({finished()[0]}); " + (
+                "nothing to resume" if cfg.resume else "pass another --out_dir, or delete it to run again"))
+    if not modes:
+        refuse_finished()
     if set(modes) & {"--table1", "--svd-baseline"} and not os.path.exists(out("spd.pt")):
         raise spd.SPDError(f"{modes[0]} reads {out('spd.pt')}, which is not there: " + (
             "finish its run with --resume=true and the run's settings" if os.path.exists(out("checkpoint.pt"))
@@ -963,9 +981,10 @@ def main(argv):
     if reads_a_run and not os.path.exists(cfg.target_path):
         raise spd.SPDError(f"--target_path={cfg.target_path} is not there: a saved run needs the target "
                            f"it was made with (a stand-in trained now would not be it)")
-    if os.path.abspath(cfg.target_path) in [os.path.abspath(out(f)) for f in ("spd.pt", "checkpoint.pt")]:
-        raise spd.SPDError(f"--target_path={cfg.target_path} is where this run writes its decomposition; "
-                           f"pass another --target_path")
+    same_dir = os.path.realpath(os.path.dirname(cfg.target_path) or ".") == os.path.realpath(cfg.out_dir)
+    if same_dir and os.path.basename(cfg.target_path).startswith(OUTPUTS):
+        raise spd.SPDError(f"--target_path={cfg.target_path} is where this run writes its decomposition "
+                           f"or its measurements; pass another --target_path")
     spd.make_dir(cfg.out_dir, "--out_dir")
     if "--train-target" in modes or not os.path.exists(cfg.target_path):  # checked before training
         spd.make_dir(os.path.dirname(cfg.target_path), "--target_path")
@@ -1020,31 +1039,38 @@ def main(argv):
         if save_figure2(r, out(f"{name}.png")):
             print(f"saved {out(name + '.png')}")
         return r
-    # 2) decompose it (Algorithm 3 for cfg.steps steps)
-    names = decomposed_matrices(cfg.out_proj)
-    torch.manual_seed(cfg.seed)                       # U, V and the CI start the same every run
-    s = spd.SPDModel(target, list(names.values()), C=cfg.C, ci=cfg.ci, d_gate=cfg.d_gate,
-                     max_seq_len=target.config["max_seq_len"], causal=cfg.ci_causal,
-                     final_only_kwargs=FINAL_ONLY).to(device)
-    n_params = sum(p.numel() for p in s.trainable_parameters())
-    print(f"preset {preset} on {device}: {len(names)} matrices, C {cfg.C} each, {cfg.ci} CI "
-          f"(D_gate {cfg.d_gate}), {n_params:,} trainable parameters, {cfg.steps} steps at batch "
-          f"{cfg.batch_size}")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    next_batch = lambda: make_batch(cfg.batch_size, target.config["max_seq_len"],
-                                    target.config["vocab_size"], gen, device)[0]
-    history = spd.train(s, cfg, next_batch, checkpoint=out("checkpoint.pt"), data_rng=gen)
-    spd.save(s, out("spd.pt"), cfg, history=history)  # first, so that nothing below can lose it
-    if os.path.exists(out("checkpoint.pt")):
-        os.remove(out("checkpoint.pt"))                # the run is complete: spd.pt holds it
-    # 3) Table 1, written beside the decomposition (--table1 computes it again from spd.pt)
-    results = table1(s, target, cfg)
-    print_table1(results)
-    results.update(config=dataclasses.asdict(cfg), preset=preset, history=history,
-                   wall_seconds=time.time() - t0)
-    spd.atomic_write(out("table1.json"), results)
-    print(f"wrote {out('table1.json')} and {out('spd.pt')}; {time.time() - t0:.0f} s in all")
-    return results
+    # 2) decompose it (Algorithm 3 for cfg.steps steps), holding the folder's lock until its files
+    # are written, so that a second run into it stops (it checks for a finished run once more)
+    with spd._locked(out("checkpoint.pt"), whole_run=True):
+        refuse_finished()
+        names = decomposed_matrices(cfg.out_proj)
+        torch.manual_seed(cfg.seed)                       # U, V and the CI start the same every run
+        s = spd.SPDModel(target, list(names.values()), C=cfg.C, ci=cfg.ci, d_gate=cfg.d_gate,
+                         max_seq_len=target.config["max_seq_len"], causal=cfg.ci_causal,
+                         final_only_kwargs=FINAL_ONLY).to(device)
+        n_params = sum(p.numel() for p in s.trainable_parameters())
+        print(f"preset {preset} on {device}: {len(names)} matrices, C {cfg.C} each, {cfg.ci} CI "
+              f"(D_gate {cfg.d_gate}), {n_params:,} trainable parameters, {cfg.steps} steps at batch "
+              f"{cfg.batch_size}")
+        gen = torch.Generator().manual_seed(cfg.seed)
+        next_batch = lambda: make_batch(cfg.batch_size, target.config["max_seq_len"],
+                                        target.config["vocab_size"], gen, device)[0]
+        history = spd.train(s, cfg, next_batch, checkpoint=out("checkpoint.pt"), data_rng=gen)
+        spd.save(s, out("spd.pt"), cfg, history=history)  # first, so that nothing below can lose it
+        if os.path.exists(out("checkpoint.pt")):
+            os.remove(out("checkpoint.pt"))                # the run is complete: spd.pt holds it
+        # 3) Table 1, written beside the decomposition (--table1 computes it again from spd.pt)
+        try:
+            results = table1(s, target, cfg)
+        except KeyboardInterrupt:
+            raise spd.SPDError(f"interrupted; {out('spd.pt')} is saved: --table1 with this --out_dir "
+                               f"makes Table 1 from it") from None
+        print_table1(results)
+        results.update(config=dataclasses.asdict(cfg), preset=preset, history=history,
+                       wall_seconds=time.time() - t0)
+        spd.atomic_write(out("table1.json"), results)
+        print(f"wrote {out('table1.json')} and {out('spd.pt')}; {time.time() - t0:.0f} s in all")
+        return results
 
 
 def cli(argv):
@@ -1060,8 +1086,9 @@ def cli(argv):
     except (MemoryError, RuntimeError) as e:           # torch.OutOfMemoryError is a RuntimeError
         if not any(m in str(e) for m in ("allocate memory", "out of memory", "not enough memory")):
             raise
-        print(f"error: out of memory ({str(e).splitlines()[0][:100]}); use a smaller --batch_size, "
-              f"--C or --d_gate (a new run) or --eval_batch (Table 1: --table1 on a saved spd.pt)",
+        print(f"error: out of memory ({str(e).splitlines()[0][:160]}); use a smaller --batch_size, "
+              f"--C, --d_gate or --n_mask_samples (a new run) or --eval_batch (Table 1: --table1 on a "
+              f"saved spd.pt)",
               file=sys.stderr)
         return 2
     return 0

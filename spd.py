@@ -153,12 +153,12 @@ class SPDModel(nn.Module):
     def __init__(self, target, patterns, C, ci="vector", d_gate=16, max_seq_len=None,
                  causal=True, final_only_kwargs=None):
         super().__init__()
-        whole = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+        whole = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and 1 <= v < 2**31
         if not (whole(C) and whole(d_gate) and (max_seq_len is None or whole(max_seq_len))
                 and causal in (True, False)):
-            raise SPDError(f"C, d_gate and max_seq_len (if given) must be integers >= 1 and causal a "
-                           f"bool, got C={C!r}, d_gate={d_gate!r}, max_seq_len={max_seq_len!r}, "
-                           f"causal={causal!r}")
+            raise SPDError(f"C, d_gate and max_seq_len (if given) must be integers >= 1 (and < 2**31) "
+                           f"and causal a bool, got C={C!r}, d_gate={d_gate!r}, "
+                           f"max_seq_len={max_seq_len!r}, causal={causal!r}")
         C, d_gate, causal = int(C), int(d_gate), bool(causal)   # (numpy's: a file holds plain ones)
         max_seq_len = max_seq_len if max_seq_len is None else int(max_seq_len)
         self.model = copy.deepcopy(target).eval()
@@ -188,6 +188,10 @@ class SPDModel(nn.Module):
         if M and x.dim() > 1 and x.shape[1] > M:
             raise SPDError(f"sequences of {x.shape[1]} positions, but this SPDModel was built with "
                            f"max_seq_len={M}: pass shorter ones")
+        if not (isinstance(mask_sets, (list, tuple)) and all(isinstance(m, dict) and all(
+                torch.is_tensor(a) for a in m.values()) for m in mask_sets)):
+            raise SPDError("masks must be a dict {layer name: alpha (B, S, C) tensor} (run_mask_sets: "
+                           "a list of such dicts)")
         bad = next((a for m in mask_sets for a in m.values() if a.shape[:2] != (B, x.shape[1])), None)
         if bad is not None:
             raise SPDError(f"a mask has shape {tuple(bad.shape)}; masks are (B, S, C) = "
@@ -216,6 +220,8 @@ class SPDModel(nn.Module):
     def masked(self, masks):
         """Inside, self.model(...) runs with {name: alpha} (or {name: (alpha, rows)}) set; use it
         to call the model with its own arguments, e.g. to read attention patterns."""
+        if not isinstance(masks, dict):
+            raise SPDError(f"masks must be a dict {{layer name: alpha}}, got a {type(masks).__name__}")
         unknown = sorted(set(masks) - self.layers.keys())
         if unknown:
             raise SPDError(f"mask for {unknown[0]!r}, which is not decomposed; decomposed: "
@@ -223,9 +229,15 @@ class SPDModel(nn.Module):
         try:
             for name, m in masks.items():
                 alpha, rows = m if isinstance(m, tuple) else (m, None)
+                if not torch.is_tensor(alpha):
+                    raise SPDError(f"mask for {name!r} is a {type(alpha).__name__}; masks are tensors")
                 if alpha.shape[-1] != self.spec["C"]:
                     raise SPDError(f"mask for {name!r} has shape {tuple(alpha.shape)}; its last "
                                    f"dimension must be C = {self.spec['C']}")
+                U = self.layers[name].U
+                if (alpha.dtype, alpha.device) != (U.dtype, U.device):
+                    raise SPDError(f"mask for {name!r} is {alpha.dtype} on {alpha.device}; masks take "
+                                   f"the decomposition's dtype and device, {U.dtype} on {U.device}")
                 self.layers[name].mask = (alpha, rows)
             yield self.model
         finally:
@@ -785,12 +797,16 @@ def target_identity(spd, dtype=None):
 FORMAT = 2  # version of the files written below (2: a scalar/vector CI lost .gamma.; 1 is renamed)
 
 
-def _restore(spd, path, ckpt):
+def _same_target(spd, path, ckpt):
     mine = target_identity(spd, next(iter(ckpt["state"].values())).dtype)  # (float64 of the same: same)
     for name, (shape, digest) in ckpt["identity"].items():
         if mine.get(name) != [shape, digest]:
             raise SPDError(f"{path} was made for a different target: layer {name!r} differs "
                            f"(shape or weights); pass the target it was made for")
+
+
+def _restore(spd, path, ckpt):
+    _same_target(spd, path, ckpt)
     dev = next(iter(spd.layers.values())).W.device
     old = ckpt["spec"]["ci"] != "attention" and ckpt.get("format") == 1  # format 1: ...ci.gamma.W1
     state = {k.replace(".ci.gamma.", ".ci.") if old else k: v.to(dev) for k, v in ckpt["state"].items()}
@@ -856,7 +872,8 @@ def load_checkpoint(path, spd, opt, cfg, data_rng=None):
     if not path or not os.path.exists(path):
         raise SPDError(f"no checkpoint to resume at {path}; run without --resume=true")
     ckpt = read_file(path, "checkpoint", fix, keys=("step", "config", "optimizer", "state", "rng"))
-    now = _plain(dataclasses.asdict(cfg))                     # (first: it names the flag)
+    _same_target(spd, path, ckpt)                             # (first: another script's checkpoint)
+    now = _plain(dataclasses.asdict(cfg))                     # (then: it names the flag)
     diff = [k for k in now if k not in cfg.RUN_ONLY and ckpt["config"].get(k) != now[k]]
     if diff:
         raise SPDError(f"{path} was saved with --{diff[0]}={ckpt['config'].get(diff[0])}, not "
@@ -923,7 +940,7 @@ def apply_overrides(cfg, args):
     return cfg
 
 
-_at_least = lambda lo: (lambda v: v >= lo, f">= {lo}")
+_at_least = lambda lo: (lambda v: lo <= v < 2**31, f">= {lo} and < 2**31")   # (sizes: allocatable)
 _one_of = lambda *names: (lambda v: v in names, "one of " + ", ".join(names))
 _POSITIVE = (lambda v: 0 < v < math.inf, "> 0 and finite")
 _NONNEGATIVE = (lambda v: 0 <= v < math.inf, ">= 0 and finite")
@@ -1019,24 +1036,39 @@ def _deterministic(on):
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
 
 
+_HELD = set()  # checkpoints whose lock a script holds for its whole run (train's own is then that)
+
+
 @contextlib.contextmanager
-def _locked(checkpoint):
+def _locked(checkpoint, flag="--out_dir", whole_run=False):
     """Inside, an exclusive flock on <checkpoint>.lock (the OS frees it however the process ends; the
-    empty file stays, as removing it would let two runs lock two files of one name)."""
-    if not checkpoint or os.name == "nt":                      # (Windows has no fcntl: no lock)
+    empty file stays, as removing it would let two runs lock two files of one name). whole_run: a
+    script holds it around training and the files it writes after, and train takes it as its own."""
+    key = checkpoint and os.path.realpath(checkpoint)
+    if not checkpoint or os.name == "nt" or key in _HELD:     # (Windows has no fcntl: no lock)
         yield
         return
     import fcntl
     make_dir(os.path.dirname(checkpoint), "the checkpoint")
-    with open(f"{checkpoint}.lock", "a") as f:
+    try:
+        f = open(f"{checkpoint}.lock", "a")
+    except OSError as e:
+        raise SPDError(f"cannot open the lock file {checkpoint}.lock ({e.strerror}): delete it, or "
+                       f"pass another {flag}") from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise SPDError(f"another run is using {checkpoint}: wait for it, or pass another "
-                           f"--out_dir") from None
+                           f"{flag}") from None
         except OSError:                                        # a file system without locks: none
             pass
-        yield
+        if whole_run:
+            _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
 
 
 @contextlib.contextmanager
@@ -1085,13 +1117,19 @@ def atomic_write(path, obj):
     if os.path.isdir(path):
         raise SPDError(f"{path} is a folder: give a file name")
     root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{ext}"
-    if callable(obj):
-        obj(tmp)
-    else:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"                     # (two processes: two names)
+    try:
+        if callable(obj):
+            obj(tmp)
+        else:
+            with open(tmp, "w") as f:
+                f.write(json.dumps(obj, indent=1))
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:                       # (torch.save: RuntimeError)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SPDError(f"cannot write {path} ({str(e).splitlines()[0][:80]}; is the disk full?); an "
+                       f"earlier file of that name is kept") from None
 
 
 def read_file(path, what, fix, keys=()):

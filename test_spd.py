@@ -407,6 +407,17 @@ def test_a_resumed_run_takes_the_lock_too(tmp_path):
                      checkpoint=ckpt)[-1]["step"] == 2
 
 
+def test_resuming_another_targets_checkpoint_says_so(tmp_path):
+    """A checkpoint of another target (another script's run in this folder) is named as such, not
+    as a config to match (which could not work)."""
+    batch, ckpt = lambda: torch.randint(0, 11, (2, 6)), str(tmp_path / "c.pt")
+    s = spd.SPDModel(tiny(), "blocks.0.attn.q_proj", C=4, ci="vector", d_gate=4)
+    spd.train(s, config_for(s, steps=3, checkpoint_every=1), batch, log=lambda *a: None, checkpoint=ckpt)
+    other = spd.SPDModel(tiny(seed=1), "blocks.0.attn.q_proj", C=8, ci="vector", d_gate=4)
+    with pytest.raises(spd.SPDError, match="c.pt was made for a different target"):
+        spd.train(other, config_for(other, steps=3, resume=True), batch, log=lambda *a: None, checkpoint=ckpt)
+
+
 def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch):
     import errno
     import fcntl
@@ -874,7 +885,7 @@ def test_suppress_subcomponents_linear_and_conv1d_agree():
     with pytest.raises(spd.SPDError, match="a direction is zero"):
         gpt2_facts.suppress_subcomponents(lin, a, {"0": [2]})
     C = a.layers["0"].V.shape[0]
-    for bad in ([1, 1], [-1], [C], 3, [float("nan")], None):  # (twice: a direction out twice)
+    for bad in ([1, 1], [-1], [C], 3, [float("nan")], None, "12", [True]):  # (twice: out twice)
         with pytest.raises(spd.SPDError, match=f"must be a list of distinct integers in 0..{C - 1}"):
             gpt2_facts.suppress_subcomponents(lin, a, {"0": bad})
     lin64 = copy.deepcopy(lin).double()                                # a float64 copy: the same edit
@@ -1011,6 +1022,15 @@ def test_bad_patterns_are_one_line_errors():
     for shape in [(2, 7, 2), (3, 6, 2), (6, 2)]:    # longer than x, another batch, no batch
         with pytest.raises(spd.SPDError, match=re.escape(f"mask has shape {shape}; masks are (B, S, C) = (2, 6, C)")):
             s.run_mask_sets(t, [{"blocks.0.attn.q_proj": torch.ones(2, 6, 2)}, {"blocks.0.attn.q_proj": torch.ones(shape)}])
+    q = "blocks.0.attn.q_proj"
+    for masks, message in [({q: torch.ones(2, 6, 2, dtype=torch.float64)}, "is torch.float64 on cpu; masks take the "
+                            "decomposition's dtype and device, torch.float32 on cpu"),
+                           ({q: [[1.0, 1.0]] * 6}, "masks must be a dict"), ([torch.ones(2, 6, 2)], "masks must be a dict")]:
+        with pytest.raises(spd.SPDError, match=re.escape(message)):
+            s(t, masks)
+    with pytest.raises(spd.SPDError, match="mask for 'blocks.0.attn.q_proj' is a list; masks are tensors"):
+        with s.masked({q: [1.0, 1.0]}):
+            pass
     assert torch.equal(s(t), m(t))  # a failed call leaves no mask behind
 
 
@@ -1059,9 +1079,9 @@ def test_bad_api_input_is_a_one_line_error(tmp_path):
     out of range given to train, and save onto a folder, which is left as it was."""
     m = tiny()
     for C, d_gate, S, causal in [(0, 4, None, True), (2, 0, None, True), (2.5, 4, None, True), ("4", 4, None, True),
-                                 (2, 4, 6.0, True), (2, 4, -3, True), (2, 4, None, "false")]:
+                                 (2, 4, 6.0, True), (2, 4, -3, True), (2, 4, None, "false"), (10**19, 4, None, True)]:
         with pytest.raises(spd.SPDError, match=re.escape(
-                f"must be integers >= 1 and causal a bool, got C={C!r}, d_gate={d_gate!r}, "
+                f"must be integers >= 1 (and < 2**31) and causal a bool, got C={C!r}, d_gate={d_gate!r}, "
                 f"max_seq_len={S!r}, causal={causal!r}")):
             spd.SPDModel(m, "blocks.0.attn.q_proj", C=C, d_gate=d_gate, max_seq_len=S, ci="attention",
                          causal=causal)
@@ -1727,6 +1747,68 @@ def test_induction_bad_input(tmp_path):
                                       "--target_steps=1"))
     with pytest.raises(spd.SPDError, match=r"--target_path=.*/spd.pt is where this run writes its decomposition"):
         induction.main(induction_argv(tmp_path, f"--target_path={tmp_path}/spd.pt"))
+    os.symlink(tmp_path, tmp_path / "link")                  # (the same folder by another name too)
+    for target in ("table1.json", "link/figure2.png"):
+        with pytest.raises(spd.SPDError, match="is where this run writes its decomposition or its measurements"):
+            induction.main(induction_argv(tmp_path, f"--target_path={tmp_path}/{target}"))
+    assert not (tmp_path / "table1.json").exists()
+
+
+def test_induction_run_holds_its_folder_and_checks_it_again(tmp_path, monkeypatch):
+    """A decomposition run holds the out_dir's lock from before it builds the decomposition until
+    its files are written, and looks for a finished run again under the lock: a run that finished
+    into the folder meanwhile is kept, and a run holding it stops the second one."""
+    argv = induction_argv(tmp_path, "--steps=2")
+    load = induction.load_or_train_target
+    with spd._locked(str(tmp_path / "checkpoint.pt")):                 # (another run, training)
+        with pytest.raises(spd.SPDError, match="another run is using .*checkpoint.pt"):
+            induction.main(argv)
+
+    def finished_meanwhile(*a, **k):                                   # (another run finished)
+        (tmp_path / "spd.pt").write_bytes(b"theirs")
+        return load(*a, **k)
+    monkeypatch.setattr(induction, "load_or_train_target", finished_meanwhile)
+    with pytest.raises(spd.SPDError, match="holds a finished run .spd.pt."):
+        induction.main(argv)
+    assert (tmp_path / "spd.pt").read_bytes() == b"theirs"
+
+
+def test_a_diverged_target_is_not_saved(tmp_path):
+    """A target whose weights stop being finite ends in one line naming --target_lr, saves nothing,
+    and a file with non-finite weights is refused as a target; a target being trained to a path is
+    locked (a second run training to it stops)."""
+    path = str(tmp_path / "t.pt")
+    with pytest.raises(spd.SPDError, match="weights are not finite; stopped, nothing saved; try a lower --target_lr"):
+        induction.train_target(steps=20, batch_size=16, lr=1e6, warmup=0, eval_every=10, save_path=path,
+                               log=lambda *a: None)
+    assert not os.path.exists(path)
+    model = induction.InductionTransformer()
+    with torch.no_grad():
+        model.embed.weight[0, 0] = float("nan")
+    induction.save_target(model, path)
+    with pytest.raises(spd.SPDError, match="holds weights that are not finite"):
+        induction.read_target(path)
+    with spd._locked(str(tmp_path / "u.pt")):
+        with pytest.raises(spd.SPDError, match="another run is using .*u.pt: wait for it, or pass another --target_path"):
+            induction.train_target(steps=2, batch_size=4, save_path=str(tmp_path / "u.pt"), log=lambda *a: None)
+
+
+def test_atomic_write_failure_keeps_the_earlier_file(tmp_path):
+    """A write that fails (a full disk) is one line; the earlier file stays whole and the temporary
+    file, whose name holds the process id (two processes never share one), is removed."""
+    path = str(tmp_path / "r.json")
+    spd.atomic_write(path, {"a": 1})
+    names = []
+
+    def full(tmp):
+        names.append(tmp)
+        open(tmp, "w").write("{")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(spd.SPDError, match=r"cannot write .*r.json \(\[Errno 28\] No space left on device; "
+                                           r"is the disk full\?\); an earlier file of that name is kept"):
+        spd.atomic_write(path, full)
+    assert str(os.getpid()) in names[0] and not os.path.exists(names[0])
+    assert json.load(open(path)) == {"a": 1}
 
 
 def test_a_target_saved_meanwhile_is_kept(tmp_path, monkeypatch):
@@ -2022,6 +2104,8 @@ BAD_INDUCTION = {  # case -> (extra argv, expected message, file to break first)
     "p_big": (["--p_start=3"], "--p_start=3.0 is out of range", None),
     "threshold": (["--threshold=1.5"], r"--threshold=1.5 is out of range: it must be in \[0, 1\)", None),
     "batch": (["--batch_size=0"], "--batch_size=0 is out of range", None),
+    "batch_huge": (["--batch_size=1e19"], r"--batch_size=10000000000000000000 is out of range: it must be >= 1 and < 2\*\*31", None),
+    "eval_batch_huge": (["--eval_batch=1e30"], "--eval_batch=1000000000000000019884624838656 is out of range", None),
     "ci": (["--ci=foo"], "--ci=foo is out of range: it must be one of scalar, vector, attention", None),
     "optimizer": (["--optimizer=sgd"], "--optimizer=sgd is out of range", None),
     "schedule": (["--lr_schedule=linear"], "--lr_schedule=linear is out of range", None),
@@ -2142,8 +2226,9 @@ def test_decomposition_is_saved_before_table1(tmp_path, monkeypatch, capsys):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(induction, "table1", interrupted)
-    assert induction.cli(induction_argv(tmp_path)) == 130
-    assert capsys.readouterr().err.strip().splitlines() == ["error: interrupted"]
+    assert induction.cli(induction_argv(tmp_path)) == 2                  # (as an interrupted training)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: interrupted; {tmp_path}/spd.pt is saved: --table1 with this --out_dir makes Table 1 from it"]
     assert (tmp_path / "spd.pt").exists() and not (tmp_path / "checkpoint.pt").exists()
     def too_big(*a, **k):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 5e11 bytes")
@@ -2151,7 +2236,7 @@ def test_decomposition_is_saved_before_table1(tmp_path, monkeypatch, capsys):
     assert induction.cli(induction_argv(tmp_path, "--table1", "--eval_batch=1e9")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: out of memory (DefaultCPUAllocator") and \
-        "--C or --d_gate (a new run) or --eval_batch" in err[0], err
+        "--C, --d_gate or --n_mask_samples (a new run) or --eval_batch" in err[0], err
     def bug(*a, **k):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
     monkeypatch.setattr(induction, "table1", bug)
@@ -2180,6 +2265,15 @@ def test_facts_refuses_a_finished_run_and_reads_auto(tmp_path, capsys):
         gpt2_facts.main(["--model=tiny", f"--out_dir={tmp_path}", "--resume=true"])
     assert "no checkpoint to resume in" in capsys.readouterr().err
     assert gpt2_facts.parse_config(["--model=tiny", "--device=auto"]).device in ("cpu", "cuda")
+    with spd._locked(str(tmp_path / "o" / "checkpoint.pt")):             # (another run, in o)
+        with pytest.raises(SystemExit):
+            gpt2_facts.main(["--model=tiny", f"--out_dir={tmp_path}/o", f"--tiny_path={tmp_path}/t.pt"])
+        assert "another run is using" in capsys.readouterr().err
+    for name in ("spd.pt", "results.json"):                              # its own outputs: refused
+        with pytest.raises(SystemExit):
+            gpt2_facts.main(["--model=tiny", f"--out_dir={tmp_path}/o", f"--tiny_path={tmp_path}/o/{name}"])
+        assert f"--tiny_path={tmp_path}/o/{name} is where this run writes its results" in capsys.readouterr().err
+    assert not (tmp_path / "t.pt").exists() and sorted(os.listdir(tmp_path / "o")) == ["checkpoint.pt.lock"]
 
 
 def test_facts_garbage_tiny_cache(tmp_path, capsys):
@@ -2308,7 +2402,7 @@ def test_other_format_version_is_a_one_line_error(tmp_path):
     s = spd.SPDModel(m, "blocks.*.attn.q_proj", C=4)
     spd.save(s, str(tmp_path / "s.pt"))
     ckpt = torch.load(tmp_path / "s.pt", weights_only=True)
-    assert ckpt["format"] == spd.FORMAT and not (tmp_path / "s.tmp.pt").exists()   # renamed into place
+    assert ckpt["format"] == spd.FORMAT and not list(tmp_path.glob("s.tmp*"))   # renamed into place
     torch.save({**ckpt, "format": spd.FORMAT + 1}, tmp_path / "s.pt")
     with pytest.raises(spd.SPDError, match=f"has format {spd.FORMAT + 1}, this code reads {spd.FORMAT}"):
         spd.load(str(tmp_path / "s.pt"), m)

@@ -907,6 +907,19 @@ MODE_KEYS = {"--bench": _TARGET | {"bench_against", "out_dir"},    # all each mo
              "--train-target": _TARGET | {"preset"}}
 
 
+def read_run(path, target, cfg, given):
+    """(SPDModel, saved config) of a saved run, for --table1 and --svd-baseline; made for another
+    target, the error names the --target_path the run was made with."""
+    try:
+        s, saved = spd.load(path, target)
+    except spd.SPDError as e:
+        was = "different target" in str(e) and spd.read_file(path, "decomposition", "")["config"].get(
+            "target_path")
+        raise spd.SPDError(f"{e}" + (f" (the run's: --target_path={was})" if was else "")) from None
+    check_same_run(saved, cfg, given, path)
+    return s, saved
+
+
 def check_same_run(saved, cfg, given, path):
     """--table1 and --svd-baseline read a saved run: each setting given that shaped the run (not
     evaluation or logging, RUN_ONLY) must be the run's, or the reader is looking at another run."""
@@ -1020,8 +1033,7 @@ def main(argv):
                           "ms_per_step": rows})
         return rows
     if "--table1" in modes:                           # Table 1 again for the saved decomposition,
-        s, saved = spd.load(out("spd.pt"), target)    # e.g. on more sequences (--eval_batch)
-        check_same_run(saved, cfg, given, out("spd.pt"))
+        s, saved = read_run(out("spd.pt"), target, cfg, given)   # e.g. on more sequences (--eval_batch)
         cfg.out_proj = saved.get("out_proj", False)
         r = table1(s.to(device), target, cfg)
         print_table1(r)
@@ -1029,8 +1041,7 @@ def main(argv):
         spd.atomic_write(out(kept(f"table1_{cfg.eval_batch}_sequences{other}") + ".json"), r)
         return r
     if "--svd-baseline" in modes:
-        s, saved = spd.load(out("spd.pt"), target)
-        check_same_run(saved, cfg, given, out("spd.pt"))
+        s, saved = read_run(out("spd.pt"), target, cfg, given)
         r = figure2(s.to(device), target, cfg)
         print_figure2(r)
         name = kept("figure2" + ("" if cfg.eval_batch == InductionConfig.eval_batch else

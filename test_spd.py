@@ -1773,6 +1773,16 @@ def test_induction_run_holds_its_folder_and_checks_it_again(tmp_path, monkeypatc
     assert (tmp_path / "spd.pt").read_bytes() == b"theirs"
 
 
+def test_reading_a_run_with_another_target_names_the_runs_target(tmp_path):
+    a, b = (induction.InductionTransformer() for _ in range(2))      # (two random targets)
+    spd.save(spd.SPDModel(a, "blocks.0.attn.q_proj", C=4), str(tmp_path / "spd.pt"),
+             {"target_path": "runs/a/target.pt"})
+    cfg = induction.parse_config([])[0]
+    with pytest.raises(spd.SPDError, match=r"made for a different target: .*; pass the target it was made "
+                                           r"for \(the run's: --target_path=runs/a/target.pt\)$"):
+        induction.read_run(str(tmp_path / "spd.pt"), b, cfg, [])
+
+
 def test_a_diverged_target_is_not_saved(tmp_path):
     """A target whose weights stop being finite ends in one line naming --target_lr, saves nothing,
     and a file with non-finite weights is refused as a target; a target being trained to a path is

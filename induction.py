@@ -223,7 +223,8 @@ def train_target(steps=3000, batch_size=256, lr=1e-2, weight_decay=0.01, warmup=
     Linear warmup to lr, then constant. Every eval_every steps the accuracy on a fixed
     held-out batch is checked; training stops once it reaches target_acc (None: never, run all
     steps as Table 3 does). save_path: also save the model, optimizer and data-generator state
-    there at every check and on Ctrl-C (atomically); if that file holds an unfinished run, continue it.
+    there at every check and on Ctrl-C (atomically); if that file holds an unfinished run, continue it
+    (a finished one is refused). It is locked meanwhile (<save_path>.lock, an empty file, stays).
     num_threads: call torch.set_num_threads(num_threads) first (None: leave torch's default).
     """
     if num_threads is not None:
@@ -235,64 +236,67 @@ def train_target(steps=3000, batch_size=256, lr=1e-2, weight_decay=0.01, warmup=
     gen = torch.Generator().manual_seed(seed)
     first, recipe = 1, dict(batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
                             seed=seed)
-    if save_path and os.path.exists(save_path):             # continue an interrupted run
-        saved, ckpt = read_target(save_path)
-        was = ckpt.get("recipe", recipe)                    # (files older than the key: unchecked)
-        diff = [k for k in recipe if was.get(k) != recipe[k]]
-        if diff:
-            flag = "--seed" if diff[0] == "seed" else f"--target_{diff[0]}"
-            raise spd.SPDError(f"{save_path} is a target half-trained with {flag}={was.get(diff[0])}, "
-                               f"not {recipe[diff[0]]}: continue it with its recipe, or pass another "
-                               f"--target_path")
-        if ckpt["step"] >= steps:
-            raise spd.SPDError(f"{save_path} is at step {ckpt['step']} already: pass a --target_steps "
-                               f"above it, or another --target_path")
-        model.load_state_dict(saved.state_dict())
-        opt.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["generator"])
-        first = ckpt["step"] + 1
-        log(f"continuing {save_path} from step {first}")
-    t0, stop = time.time(), []
     lock = spd._locked(save_path, "--target_path") if save_path else contextlib.nullcontext()
-    with lock, spd._on_interrupt(lambda: stop.append(True)):    # Ctrl-C: save this step, then stop
-        for step in range(first, steps + 1):
-            # 1) lr: linear warmup, then constant
-            for group in opt.param_groups:
-                group["lr"] = lr * min(1.0, step / max(1, warmup))
-            # 2) forward and loss on the final token only
-            tokens, s1 = make_batch(batch_size, cfg["max_seq_len"], cfg["vocab_size"], gen, device)
-            logits = model(tokens, final_only=True)  # (B,V)
-            loss = F.cross_entropy(logits, m_tokens(tokens, s1))
-            # 3) backward and step
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            # 4) log, save and early stop on held-out accuracy
-            if step % eval_every == 0 or step == steps or stop:
-                acc = evaluate_target(model, n=2048, seed=EVAL_SEED + 1)
-                mech = mechanism_check(model, n=256)
-                log(f"step {step:6d} | loss {loss.item():.2e} | held-out acc {acc:.4f} | "
-                    f"m->s1 {mech['l0_m_to_s1']:.3f} | {time.time() - t0:6.1f}s")
-                if not all(p.isfinite().all() for p in model.parameters()):    # (diverged: save nothing)
-                    raise spd.SPDError(f"step {step}: the target's loss is {loss.item():.3g} and its "
-                                       f"weights are not finite; stopped, " + (
-                                           f"{save_path} is kept as it was" if save_path and
-                                           os.path.exists(save_path) else "nothing saved") +
-                                       "; try a lower --target_lr")
-                if save_path:
-                    save_target(model, save_path, step=step, optimizer=opt.state_dict(),
-                                generator=gen.get_state(), recipe=recipe)
-                if target_acc is not None and acc >= target_acc:
-                    break
-            if stop and step < steps:                         # (at the last step: finish)
-                raise spd.SPDError(f"interrupted after step {step}; " + (
-                    f"saved {save_path}: the same command continues it" if save_path else
-                    "nothing saved: run again to start again"))
-    if target_acc is not None and acc < target_acc:
-        log(f"warning: held-out accuracy {acc:.4f} < {target_acc} after {steps} steps")
-    if save_path:                                             # finished: no optimizer state
-        save_target(model, save_path, step=step, recipe=dict(
-            steps=steps, target_acc=target_acc, device=str(device), **recipe))
+    with lock:                                    # (a second run training to save_path stops)
+        if save_path and os.path.exists(save_path):             # continue an interrupted run
+            saved, ckpt = read_target(save_path)
+            if "optimizer" not in ckpt:
+                raise spd.SPDError(f"{save_path} holds a finished target; pass another --target_path")
+            was = ckpt.get("recipe", recipe)                    # (files older than the key: unchecked)
+            diff = [k for k in recipe if was.get(k) != recipe[k]]
+            if diff:
+                flag = "--seed" if diff[0] == "seed" else f"--target_{diff[0]}"
+                raise spd.SPDError(f"{save_path} is a target half-trained with {flag}={was.get(diff[0])}, "
+                                   f"not {recipe[diff[0]]}: continue it with its recipe, or pass another "
+                                   f"--target_path")
+            if ckpt["step"] >= steps:
+                raise spd.SPDError(f"{save_path} is at step {ckpt['step']} already: pass a --target_steps "
+                                   f"above it, or another --target_path")
+            model.load_state_dict(saved.state_dict())
+            opt.load_state_dict(ckpt["optimizer"])
+            gen.set_state(ckpt["generator"])
+            first = ckpt["step"] + 1
+            log(f"continuing {save_path} from step {first}")
+        t0, stop = time.time(), []
+        with spd._on_interrupt(lambda: stop.append(True)):    # Ctrl-C: save this step, then stop
+            for step in range(first, steps + 1):
+                # 1) lr: linear warmup, then constant
+                for group in opt.param_groups:
+                    group["lr"] = lr * min(1.0, step / max(1, warmup))
+                # 2) forward and loss on the final token only
+                tokens, s1 = make_batch(batch_size, cfg["max_seq_len"], cfg["vocab_size"], gen, device)
+                logits = model(tokens, final_only=True)  # (B,V)
+                loss = F.cross_entropy(logits, m_tokens(tokens, s1))
+                # 3) backward and step
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                # 4) log, save and early stop on held-out accuracy
+                if step % eval_every == 0 or step == steps or stop:
+                    acc = evaluate_target(model, n=2048, seed=EVAL_SEED + 1)
+                    mech = mechanism_check(model, n=256)
+                    log(f"step {step:6d} | loss {loss.item():.2e} | held-out acc {acc:.4f} | "
+                        f"m->s1 {mech['l0_m_to_s1']:.3f} | {time.time() - t0:6.1f}s")
+                    if not all(p.isfinite().all() for p in model.parameters()):    # (diverged: save nothing)
+                        raise spd.SPDError(f"step {step}: the target's loss is {loss.item():.3g} and its "
+                                           f"weights are not finite; stopped, " + (
+                                               f"{save_path} is kept as it was" if save_path and
+                                               os.path.exists(save_path) else "nothing saved") +
+                                           "; try a lower --target_lr")
+                    if save_path:
+                        save_target(model, save_path, step=step, optimizer=opt.state_dict(),
+                                    generator=gen.get_state(), recipe=recipe)
+                    if target_acc is not None and acc >= target_acc:
+                        break
+                if stop and step < steps:                         # (at the last step: finish)
+                    raise spd.SPDError(f"interrupted after step {step}; " + (
+                        f"saved {save_path}: the same command continues it" if save_path else
+                        "nothing saved: run again to start again"))
+        if target_acc is not None and acc < target_acc:
+            log(f"warning: held-out accuracy {acc:.4f} < {target_acc} after {steps} steps")
+        if save_path:                                             # finished: no optimizer state
+            save_target(model, save_path, step=step, recipe=dict(
+                steps=steps, target_acc=target_acc, device=str(device), **recipe))
     return model
 
 
@@ -1008,8 +1012,6 @@ def main(argv):
                         seed=cfg.seed, device=device, eval_every=cfg.target_eval_every,
                         target_acc=cfg.target_stop_acc if cfg.target_stop_acc <= 1 else None)
     if "--train-target" in modes:
-        if os.path.exists(cfg.target_path) and "optimizer" not in read_target(cfg.target_path)[1]:
-            raise spd.SPDError(f"{cfg.target_path} holds a finished target; pass another --target_path")
         model = train_target(save_path=cfg.target_path, **train_kwargs)
         mech = {**mechanism_check(model), "oracle_kl": oracle_kl(model)}   # (<= 1e-4: Table 1 fits)
         print(f"saved {cfg.target_path}; held-out accuracy {evaluate_target(model):.4f}; " +

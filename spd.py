@@ -33,6 +33,7 @@ import json
 import math
 import numbers
 import os
+import threading
 import time
 from typing import ClassVar
 
@@ -235,10 +236,10 @@ class SPDModel(nn.Module):
                     raise SPDError(f"mask for {name!r} has shape {tuple(alpha.shape)}; its last "
                                    f"dimension must be C = {self.spec['C']}")
                 U = self.layers[name].U
-                if (alpha.dtype, alpha.device) != (U.dtype, U.device):
-                    raise SPDError(f"mask for {name!r} is {alpha.dtype} on {alpha.device}; masks take "
-                                   f"the decomposition's dtype and device, {U.dtype} on {U.device}")
-                self.layers[name].mask = (alpha, rows)
+                if alpha.device != U.device:
+                    raise SPDError(f"mask for {name!r} is on {alpha.device}, the decomposition on "
+                                   f"{U.device}: pass masks on its device")
+                self.layers[name].mask = (alpha.to(U.dtype), rows)    # (a bool or float32 mask: cast)
             yield self.model
         finally:
             for layer in self.layers.values():
@@ -798,9 +799,12 @@ FORMAT = 2  # version of the files written below (2: a scalar/vector CI lost .ga
 
 
 def _same_target(spd, path, ckpt):
+    """The layers both decompose have the same weights (none in common: another target; other
+    layers of the same target: the spec's check names them)."""
     mine = target_identity(spd, next(iter(ckpt["state"].values())).dtype)  # (float64 of the same: same)
-    for name, (shape, digest) in ckpt["identity"].items():
-        if mine.get(name) != [shape, digest]:
+    saved = ckpt["identity"]
+    for name in [n for n in saved if n in mine] or list(saved)[:1]:
+        if mine.get(name) != saved[name]:
             raise SPDError(f"{path} was made for a different target: layer {name!r} differs "
                            f"(shape or weights); pass the target it was made for")
 
@@ -871,7 +875,7 @@ def load_checkpoint(path, spd, opt, cfg, data_rng=None):
     fix = "delete it to start again"
     if not path or not os.path.exists(path):
         raise SPDError(f"no checkpoint to resume at {path}; run without --resume=true")
-    ckpt = read_file(path, "checkpoint", fix, keys=("step", "config", "optimizer", "state", "rng"))
+    ckpt = read_file(path, "checkpoint", fix, keys=("step", "config", "optimizer", "state", "rng", "identity"))
     _same_target(spd, path, ckpt)                             # (first: another script's checkpoint)
     now = _plain(dataclasses.asdict(cfg))                     # (then: it names the flag)
     diff = [k for k in now if k not in cfg.RUN_ONLY and ckpt["config"].get(k) != now[k]]
@@ -1036,7 +1040,7 @@ def _deterministic(on):
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
 
 
-_HELD = set()  # checkpoints whose lock a script holds for its whole run (train's own is then that)
+_HELD = set()  # (checkpoint, thread) whose lock a script holds for its whole run: train's is then that
 
 
 @contextlib.contextmanager
@@ -1044,12 +1048,12 @@ def _locked(checkpoint, flag="--out_dir", whole_run=False):
     """Inside, an exclusive flock on <checkpoint>.lock (the OS frees it however the process ends; the
     empty file stays, as removing it would let two runs lock two files of one name). whole_run: a
     script holds it around training and the files it writes after, and train takes it as its own."""
-    key = checkpoint and os.path.realpath(checkpoint)
+    key = checkpoint and (os.path.realpath(checkpoint), threading.get_ident())
     if not checkpoint or os.name == "nt" or key in _HELD:     # (Windows has no fcntl: no lock)
         yield
         return
     import fcntl
-    make_dir(os.path.dirname(checkpoint), "the checkpoint")
+    make_dir(os.path.dirname(checkpoint), flag)
     try:
         f = open(f"{checkpoint}.lock", "a")
     except OSError as e:
@@ -1076,7 +1080,6 @@ def _on_interrupt(handler):
     """Inside, Ctrl-C (SIGINT) calls handler() instead of raising, so a step is never cut in
     half (in the main thread; other threads cannot handle signals and leave it alone)."""
     import signal
-    import threading
     main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGINT, lambda *_: handler()) if main else None
     try:
@@ -1125,11 +1128,15 @@ def atomic_write(path, obj):
             with open(tmp, "w") as f:
                 f.write(json.dumps(obj, indent=1))
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:                       # (torch.save: RuntimeError)
+    except BaseException as e:                                 # (Ctrl-C, a bug: no temporary file left)
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise SPDError(f"cannot write {path} ({str(e).splitlines()[0][:80]}; is the disk full?); an "
-                       f"earlier file of that name is kept") from None
+        why = (str(e) or type(e).__name__).splitlines()[0]
+        if not (isinstance(e, OSError) or isinstance(e, RuntimeError) and (
+                "inline_container" in why or "write" in why)):  # (torch.save on a full disk)
+            raise
+        kept = "; the earlier file there is kept" if os.path.exists(path) else ""
+        raise SPDError(f"cannot write {path} ({why[:80]}; is the disk full?){kept}") from None
 
 
 def read_file(path, what, fix, keys=()):

@@ -395,6 +395,32 @@ def test_two_runs_on_one_checkpoint_at_once(tmp_path):
         pass
 
 
+def test_a_whole_run_lock_is_its_threads_and_a_lock_file_it_cannot_open_is_one_line(tmp_path):
+    """A script holding its folder's lock for the whole run (whole_run) lets train, in its own
+    thread, take it as its own; another thread of the process does not get it."""
+    import threading
+    ckpt, got = str(tmp_path / "c.pt"), []
+
+    def other():
+        try:
+            with spd._locked(ckpt):
+                got.append("locked")
+        except spd.SPDError as e:
+            got.append(str(e))
+    with spd._locked(ckpt, whole_run=True):
+        with spd._locked(ckpt):                                          # (train's, same thread)
+            t = threading.Thread(target=other)
+            t.start()
+            t.join()
+    assert got == [f"another run is using {ckpt}: wait for it, or pass another --out_dir"] and not spd._HELD
+    os.remove(ckpt + ".lock")
+    os.mkdir(ckpt + ".lock")                                   # (a lock file that cannot be opened)
+    with pytest.raises(spd.SPDError, match=r"cannot open the lock file .*c.pt.lock \(Is a directory\): "
+                                           r"delete it, or pass another --target_path"):
+        with spd._locked(ckpt, "--target_path"):
+            pass
+
+
 def test_a_resumed_run_takes_the_lock_too(tmp_path):
     s = spd.SPDModel(tiny(), "blocks.0.attn.q_proj", C=4, ci="vector", d_gate=4)
     ckpt, batch = str(tmp_path / "c.pt"), lambda: torch.randint(0, 11, (2, 6))
@@ -416,6 +442,9 @@ def test_resuming_another_targets_checkpoint_says_so(tmp_path):
     other = spd.SPDModel(tiny(seed=1), "blocks.0.attn.q_proj", C=8, ci="vector", d_gate=4)
     with pytest.raises(spd.SPDError, match="c.pt was made for a different target"):
         spd.train(other, config_for(other, steps=3, resume=True), batch, log=lambda *a: None, checkpoint=ckpt)
+    more = spd.SPDModel(tiny(), "blocks.0.attn.*_proj", C=4, ci="vector", d_gate=4)   # (the same target)
+    with pytest.raises(spd.SPDError, match=r"c.pt was made by an SPDModel with patterns=\[blocks.0.attn.q_proj\]"):
+        spd.train(more, config_for(more, steps=3, resume=True), batch, log=lambda *a: None, checkpoint=ckpt)
 
 
 def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch):
@@ -1023,14 +1052,20 @@ def test_bad_patterns_are_one_line_errors():
         with pytest.raises(spd.SPDError, match=re.escape(f"mask has shape {shape}; masks are (B, S, C) = (2, 6, C)")):
             s.run_mask_sets(t, [{"blocks.0.attn.q_proj": torch.ones(2, 6, 2)}, {"blocks.0.attn.q_proj": torch.ones(shape)}])
     q = "blocks.0.attn.q_proj"
-    for masks, message in [({q: torch.ones(2, 6, 2, dtype=torch.float64)}, "is torch.float64 on cpu; masks take the "
-                            "decomposition's dtype and device, torch.float32 on cpu"),
+    for masks, message in [({q: torch.ones(2, 6, 2, device="meta")}, "is on meta, the decomposition on cpu"),
                            ({q: [[1.0, 1.0]] * 6}, "masks must be a dict"), ([torch.ones(2, 6, 2)], "masks must be a dict")]:
         with pytest.raises(spd.SPDError, match=re.escape(message)):
             s(t, masks)
-    with pytest.raises(spd.SPDError, match="mask for 'blocks.0.attn.q_proj' is a list; masks are tensors"):
-        with s.masked({q: [1.0, 1.0]}):
-            pass
+    for masks, message in [({q: [1.0, 1.0]}, "mask for 'blocks.0.attn.q_proj' is a list; masks are tensors"),
+                           ([torch.ones(2, 6, 2)], "masks must be a dict {layer name: alpha}, got a list")]:
+        with pytest.raises(spd.SPDError, match=re.escape(message)):
+            with s.masked(masks):
+                pass
+    alpha = torch.rand(2, 6, 2) > 0.5                  # other dtypes are cast: bool, float64, float32
+    expect = s(t, {q: alpha.float()})
+    assert torch.equal(s(t, {q: alpha}), expect) and torch.allclose(s(t, {q: alpha.double()}), expect)
+    s64 = spd.SPDModel(copy.deepcopy(m).double(), q, C=2)
+    assert s64(t, {q: alpha.float()}).dtype == torch.float64
     assert torch.equal(s(t), m(t))  # a failed call leaves no mask behind
 
 
@@ -1764,6 +1799,23 @@ def test_induction_run_holds_its_folder_and_checks_it_again(tmp_path, monkeypatc
         with pytest.raises(spd.SPDError, match="another run is using .*checkpoint.pt"):
             induction.main(argv)
 
+    held = []
+
+    def table1(*a, **k):                              # (another process's flock, on its own handle)
+        import fcntl
+        with open(tmp_path / "checkpoint.pt.lock", "a") as f:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.append(True)
+        return real_table1(*a, **k)
+    real_table1 = induction.table1
+    monkeypatch.setattr(induction, "table1", table1)
+    induction.main(argv)
+    assert held == [True] and not spd._HELD                           # (released, forgotten)
+    for f in ("spd.pt", "table1.json"):
+        os.remove(tmp_path / f)
+    monkeypatch.undo()
+
     def finished_meanwhile(*a, **k):                                   # (another run finished)
         (tmp_path / "spd.pt").write_bytes(b"theirs")
         return load(*a, **k)
@@ -1815,10 +1867,24 @@ def test_atomic_write_failure_keeps_the_earlier_file(tmp_path):
         open(tmp, "w").write("{")
         raise OSError(28, "No space left on device")
     with pytest.raises(spd.SPDError, match=r"cannot write .*r.json \(\[Errno 28\] No space left on device; "
-                                           r"is the disk full\?\); an earlier file of that name is kept"):
+                                           r"is the disk full\?\); the earlier file there is kept"):
         spd.atomic_write(path, full)
     assert str(os.getpid()) in names[0] and not os.path.exists(names[0])
     assert json.load(open(path)) == {"a": 1}
+
+    def fails(error):
+        def write(tmp):
+            open(tmp, "w").write("{")
+            raise error
+        return write
+    with pytest.raises(spd.SPDError, match=r"cannot write .*new.pt \(PytorchStreamWriter failed writing file "
+                                           r"data/0: file write failed; is the disk full\?\)$"):  # (none kept)
+        spd.atomic_write(str(tmp_path / "new.pt"), fails(RuntimeError(
+            "PytorchStreamWriter failed writing file data/0: file write failed")))
+    for error in (RuntimeError("Can't pickle local object"), KeyboardInterrupt()):   # (not hidden)
+        with pytest.raises(type(error)):
+            spd.atomic_write(path, fails(error))
+    assert sorted(os.listdir(tmp_path)) == ["r.json"] and json.load(open(path)) == {"a": 1}
 
 
 def test_a_target_saved_meanwhile_is_kept(tmp_path, monkeypatch):
@@ -2082,8 +2148,9 @@ def test_training_on_cuda_flex_equals_math_and_lowers_loss():
 # runs that never lose work: bad input, NaN, unreadable files, resume, Ctrl-C
 
 def snapshot(folder):
+    """Every file's bytes, but the empty lock files a run or a target's training leaves (README)."""
     return {p: open(os.path.join(folder, p), "rb").read() for p in sorted(os.listdir(folder))
-            if os.path.isfile(os.path.join(folder, p))}
+            if os.path.isfile(os.path.join(folder, p)) and not p.endswith(".lock")}
 
 
 @pytest.fixture(scope="module")

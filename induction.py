@@ -917,9 +917,13 @@ def read_run(path, target, cfg, given):
     try:
         s, saved = spd.load(path, target)
     except spd.SPDError as e:
-        was = "different target" in str(e) and spd.read_file(path, "decomposition", "")["config"].get(
-            "target_path")
-        raise spd.SPDError(f"{e}" + (f" (the run's: --target_path={was})" if was else "")) from None
+        try:
+            was = "different target" in str(e) and spd.read_file(path, "", "")["config"]["target_path"]
+        except Exception:                                  # (a file without it: no hint)
+            was = None
+        hint = "" if not was else f" (the run's: --target_path={was})" if was != cfg.target_path else \
+            f" (the run's --target_path is this one: the file there changed since the run)"
+        raise spd.SPDError(f"{e}{hint}") from None
     check_same_run(saved, cfg, given, path)
     return s, saved
 

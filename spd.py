@@ -788,23 +788,29 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
 # -----------------------------------------------------------------------------
 # 7. Save / load
 
+def _fingerprint(W, dtype=None):
+    raw = W.detach().to("cpu", dtype).contiguous().view(torch.uint8).numpy()     # (bf16 too)
+    return [list(W.shape), hashlib.sha256(raw).hexdigest()]
+
+
 def target_identity(spd, dtype=None):
     """Shape and SHA-256 of every decomposed target weight (as `dtype`): a fingerprint of the target."""
-    raw = lambda W: W.detach().to("cpu", dtype).contiguous().view(torch.uint8).numpy()  # (bf16 too)
-    digest = lambda W: hashlib.sha256(raw(W)).hexdigest()
-    return {n: [list(l.W.shape), digest(l.W)] for n, l in spd.layers.items()}
+    return {n: _fingerprint(l.W, dtype) for n, l in spd.layers.items()}
 
 
 FORMAT = 2  # version of the files written below (2: a scalar/vector CI lost .gamma.; 1 is renamed)
 
 
 def _same_target(spd, path, ckpt):
-    """The layers both decompose have the same weights (none in common: another target; other
-    layers of the same target: the spec's check names them)."""
-    mine = target_identity(spd, next(iter(ckpt["state"].values())).dtype)  # (float64 of the same: same)
-    saved = ckpt["identity"]
-    for name in [n for n in saved if n in mine] or list(saved)[:1]:
-        if mine.get(name) != saved[name]:
+    """Every layer the file decomposed is in this target with the same weights, decomposed here or
+    not (other layers of the same target: the spec's check names them)."""
+    dtype = next(iter(ckpt["state"].values())).dtype             # (a float64 copy of it: the same)
+    modules = dict(spd.model.named_modules())
+    for name, saved in ckpt["identity"].items():
+        m = modules.get(name)
+        m = m.target if isinstance(m, DecomposedLayer) else m
+        if not (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") or \
+                _fingerprint(layer_weight(m), dtype) != saved:
             raise SPDError(f"{path} was made for a different target: layer {name!r} differs "
                            f"(shape or weights); pass the target it was made for")
 
@@ -1047,7 +1053,8 @@ _HELD = set()  # (checkpoint, thread) whose lock a script holds for its whole ru
 def _locked(checkpoint, flag="--out_dir", whole_run=False):
     """Inside, an exclusive flock on <checkpoint>.lock (the OS frees it however the process ends; the
     empty file stays, as removing it would let two runs lock two files of one name). whole_run: a
-    script holds it around training and the files it writes after, and train takes it as its own."""
+    script holds it around training and the files it writes after, and train, in the same thread,
+    takes it as its own (in another thread, train stops: the lock is the thread's)."""
     key = checkpoint and (os.path.realpath(checkpoint), threading.get_ident())
     if not checkpoint or os.name == "nt" or key in _HELD:     # (Windows has no fcntl: no lock)
         yield
@@ -1131,12 +1138,11 @@ def atomic_write(path, obj):
     except BaseException as e:                                 # (Ctrl-C, a bug: no temporary file left)
         if os.path.exists(tmp):
             os.remove(tmp)
-        why = (str(e) or type(e).__name__).splitlines()[0]
-        if not (isinstance(e, OSError) or isinstance(e, RuntimeError) and (
-                "inline_container" in why or "write" in why)):  # (torch.save on a full disk)
+        if not isinstance(e, (OSError, RuntimeError)):          # (torch.save's write errors: RuntimeError)
             raise
         kept = "; the earlier file there is kept" if os.path.exists(path) else ""
-        raise SPDError(f"cannot write {path} ({why[:80]}; is the disk full?){kept}") from None
+        raise SPDError(f"cannot write {path} ({type(e).__name__}: {(str(e) or '-').splitlines()[0][:100]})"
+                       f"{kept}") from None
 
 
 def read_file(path, what, fix, keys=()):

@@ -599,8 +599,8 @@ def suppress_subcomponents(target, s, chosen):
             raise spd.SPDError(f"{name!r} is not a decomposed layer; decomposed: {', '.join(s.layers)}")
         layer = s.layers[name]
         try:
-            cs = None if isinstance(cs, str) else [   # (3.0 -> 3; tensors hash by id; "12" is no list)
-                int(c) if float(c).is_integer() and not isinstance(c, (bool, str)) else c for c in cs]
+            cs = [int(c) if float(c).is_integer() and not isinstance(c, (bool, str)) else c  # (3.0 -> 3;
+                  for c in cs]                                  # tensors hash by id; "1", True stay: refused)
         except (TypeError, ValueError):                                 # (not a list; nan, inf)
             cs = None
         if cs is None or len(set(cs)) != len(cs) or not all(type(c) is int and 0 <= c < layer.V.shape[0]

@@ -985,8 +985,8 @@ def main(argv):
     done = finished()
 
     def refuse_finished():                            # (a finished run has no checkpoint left)
-        if finished():
-            raise spd.SPDError(f"{cfg.out_dir} holds a finished run ({finished()[0]}); " + (
+        if now := finished():
+            raise spd.SPDError(f"{cfg.out_dir} holds a finished run ({now[0]}); " + (
                 "nothing to resume" if cfg.resume else "pass another --out_dir, or delete it to run again"))
     if not modes:
         refuse_finished()

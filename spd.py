@@ -809,14 +809,16 @@ def _same_target(spd, path, ckpt):
     for name, saved in ckpt["identity"].items():
         m = modules.get(name)
         m = m.target if isinstance(m, DecomposedLayer) else m
-        if not (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") or \
-                _fingerprint(layer_weight(m), dtype) != saved:
+        try:
+            same = _fingerprint(layer_weight(m), dtype) == saved
+        except SPDError:                                       # (not there, or no Linear/Conv1D)
+            same = False
+        if not same:
             raise SPDError(f"{path} was made for a different target: layer {name!r} differs "
                            f"(shape or weights); pass the target it was made for")
 
 
 def _restore(spd, path, ckpt):
-    _same_target(spd, path, ckpt)
     dev = next(iter(spd.layers.values())).W.device
     old = ckpt["spec"]["ci"] != "attention" and ckpt.get("format") == 1  # format 1: ...ci.gamma.W1
     state = {k.replace(".ci.gamma.", ".ci.") if old else k: v.to(dev) for k, v in ckpt["state"].items()}
@@ -864,6 +866,7 @@ def load(path, target):
         raise SPDError(f"{path} was made for a different target: it decomposes {missing[0]!r}, which "
                        f"this model does not have; pass the target it was made for")
     spd = SPDModel(target, **ckpt["spec"])
+    _same_target(spd, path, ckpt)
     _restore(spd, path, ckpt)
     return spd, ckpt["config"]
 

@@ -5,7 +5,8 @@ Small Transformer Models" (arXiv 2511.08854), with the SPD method of spd.py.
 The paper decomposes GPT-2-small over two facts that it predicts correctly,
     "Kobe Bryant plays the sport of basketball" and "Tiger Woods plays the sport of golf",
 with the A.3.1 hyperparameters (the "paper" preset below). Before the decomposition it
-  0) zeroes each MLP in turn and reads P(sport) on both facts (A.3.2, Figure 9);
+  0) zeroes each MLP in turn and reads P(sport) on both facts (A.3.2, Figure 9), and
+ 0b) traces both facts causally (Meng et al. 2022), the name's embeddings corrupted (Figures 7-8);
 then:
   1) counts the active subcomponents per layer and token (paper: 96 in all) and finds those in
      the layer-0 MLP that are active at a name token ("obe", "Bryant", "Woods") and nowhere in
@@ -21,7 +22,7 @@ then:
      100 facts' mean within 0.05, the reversed prompt still answered;
   7) looks for where the facts are: each block's output zeroed at the name tokens only, the
      search of 1) in every decomposed matrix, every active layer-0 MLP direction at the names.
-Tables go to stdout, everything to <out_dir>/results.json (and figures 3, 4, 9 as PNGs if
+Tables go to stdout, everything to <out_dir>/results.json (and figures 3, 4, 7, 8, 9 as PNGs if
 matplotlib is importable), the decomposition to <out_dir>/spd.pt (unless --save=false).
 
 The models, all `transformers.GPT2LMHeadModel` with the same Conv1D module paths
@@ -33,7 +34,7 @@ The models, all `transformers.GPT2LMHeadModel` with the same Conv1D module paths
                    facts, the 100 facts and the reversed prompt: runs offline (TINY_CONFIG)
     "gpt2-random"  GPT-2-small shapes, random weights: only for memory/speed checks on a GPU
 Left out: the paper's full 100-fact set is unpublished; we use its 30-sentence excerpt verbatim
-plus 70 of our own in the same style. Causal tracing (A.3.2, Figures 7-8) is not reproduced.
+plus 70 of our own in the same style.
 
 Run:  python gpt2_facts.py                 (real GPT-2, paper preset; needs the weights, and in
                                             practice a big GPU: U, V and the CI MLPs are 3.3 B
@@ -45,6 +46,7 @@ Run:  python gpt2_facts.py                 (real GPT-2, paper preset; needs the 
 Dimensions: B batch (the two facts), S sequence, C subcomponents per matrix.
 """
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -466,11 +468,8 @@ def name_zeroed_probs(model, tokenizer, module, facts):
         if isinstance(out, tuple):
             return (out[0] * keep[..., None],) + out[1:]
         return out * keep[..., None]
-    handle = module.register_forward_hook(zero_names)
-    try:
+    with _hooked([(module, zero_names)]):
         return final_word_probs(model, tokenizer, facts)
-    finally:
-        handle.remove()
 
 def token_strings(tokenizer, ids):
     """Each id decoded on its own ("K", "obe", " Bryant" for GPT-2's BPE)."""
@@ -498,10 +497,16 @@ class FactsConfig(spd.Config):
     tiny_path: str = TINY_PATH        # cache of the trained tiny model (--model=tiny)
     save: bool = True                 # write the decomposition to <out_dir>/spd.pt
     threads: int = 0                  # torch CPU threads; 0 = torch's default
+    trace_noise: float = 3.0          # causal tracing (Figures 7-8): noise std in units of the
+                                      # embeddings' std (Meng et al.: 3)
+    trace_samples: int = 10           # noise draws per corrupted run (Meng et al.: 10)
+    trace_window: int = 10            # MLP / attention outputs restored in this many layers around
+                                      # each (Meng et al.: 10; the tiny preset: 1 of its 4 layers)
     ci: str = "vector"                # (spd.Config fields with another default here)
     last_token_only: bool = False
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    RUN_ONLY: ClassVar = spd.Config.RUN_ONLY | {"threads", "out_dir", "threshold", "save", "edit_patterns"}
+    RUN_ONLY: ClassVar = spd.Config.RUN_ONLY | {"threads", "out_dir", "threshold", "save", "edit_patterns",
+                                                "trace_noise", "trace_samples", "trace_window"}
 
 PRESETS = {
     # A.3.1 (Figure 6), every row; the non-stochastic layerwise loss is not in the table: 0
@@ -520,14 +525,15 @@ PRESETS = {
 # on one core, by the hour (per-op overhead: every loss term is a forward through 16 decomposed
 # layers), so 2500 steps (2-4 min) fit the 5-minute budget with training the target (~20-40 s)
 PRESETS["tiny"] = {**PRESETS["paper"], "C": TINY_CONFIG["n_embd"], "d_gate": 16, "steps": 2500,
-                   "log_every": 250, "threads": 1}
+                   "log_every": 250, "threads": 1, "trace_window": 1}
 
 RULES = {**spd.CONFIG_RULES,  # the allowed values of FactsConfig's own fields
          "model": (lambda v: v != "", "gpt2, a hub id, a local folder, tiny or gpt2-random"),
          "preset": (lambda v: True, "any text"), "patterns": (lambda v: v != "", "module globs"),
          "edit_patterns": (lambda v: v != "", "module globs"),
          "threshold": (lambda v: 0 <= v < 1, "in [0, 1)"), "out_dir": (lambda v: v != "", "a folder"),
-         "tiny_path": spd._FILE, "threads": spd._THREADS}
+         "tiny_path": spd._FILE, "threads": spd._THREADS, "trace_noise": spd._NONNEGATIVE,
+         "trace_samples": spd._at_least(1), "trace_window": spd._at_least(1)}
 
 def parse_config(argv):
     """FactsConfig from '--key=value' strings: the preset's dict first, then the overrides."""
@@ -674,6 +680,65 @@ def sport_and_facts(model, tokenizer):
     P = athlete_probs(model, tokenizer)
     return {"P(sport)": [P[0][0], P[1][1]], "facts_mean": final_word_probs(model, tokenizer, FACTS).mean().item()}
 
+@torch.no_grad()
+def causal_trace(model, prompt_ids, target_id, eps, kind, window=10):
+    """Causal tracing (Meng et al. 2022, Sec. 2.1), the paper's Figures 7-8 (A.3.2).
+
+    Three runs of the prompt: clean; corrupted, eps (samples, n, d) added to the token embeddings
+    of its first n tokens (the subject: the athlete's name); and corrupted with one state
+    restored to its clean value, for each token i and layer l:
+        kind "hidden": block l's output at token i;
+        kind "mlp" / "attn": the MLP's / attention's output at token i in each of the `window`
+        layers around l, l - window//2 .. l - window//2 + window - 1 (clipped to the model), as
+        Meng et al. restore sublayers (their window: 10).
+    Returns (P clean, P corrupted, grid (S, L) of P restored): P(target_id) after the prompt,
+    averaged over the noise samples, which every corrupted run shares."""
+    blocks, (samples, n, _) = model.transformer.h, eps.shape
+    L, S = len(blocks), len(prompt_ids)
+    x = torch.tensor([prompt_ids], device=eps.device)                   # (1, S)
+    part = lambda l: blocks[l] if kind == "hidden" else getattr(blocks[l], kind)
+    state = lambda out: out[0] if isinstance(out, tuple) else out       # (rows, S, d), in place
+    P = lambda rows: model(x.expand(rows, S)).logits[:, -1].softmax(-1)[:, target_id]  # (rows,)
+
+    def corrupt(mod, inputs, out):                                      # out (R·samples, S, d)
+        out[:, :n] += eps.repeat(len(out) // samples, 1, 1)
+    # 1) the clean run: each layer's state at every token
+    clean = {}
+
+    def keep(l):
+        def hook(mod, inputs, out):
+            clean[l] = state(out)[0].clone()                            # (S, d)
+        return hook
+    with _hooked([(part(l), keep(l)) for l in range(L)]):
+        p_clean = P(1).item()
+    # 2) corrupted: the subject's token embeddings + eps
+    with _hooked([(model.transformer.wte, corrupt)]):
+        p_corrupted = P(samples).mean().item()
+    # 3) corrupted, rows i·samples .. (i+1)·samples - 1 restoring token i at layer l (or its window)
+    tok = torch.arange(S, device=eps.device)
+
+    def restore(l):
+        def hook(mod, inputs, out):
+            state(out).view(S, samples, S, -1)[tok, :, tok] = clean[l][:, None]   # (S, samples, d)
+        return hook
+    grid = torch.zeros(S, L, dtype=torch.float64)
+    for l in range(L):
+        lo = l if kind == "hidden" else max(0, l - window // 2)
+        hi = l + 1 if kind == "hidden" else min(L, l - window // 2 + window)
+        with _hooked([(model.transformer.wte, corrupt)] + [(part(j), restore(j)) for j in range(lo, hi)]):
+            grid[:, l] = P(S * samples).view(S, samples).mean(1).cpu()
+    return p_clean, p_corrupted, grid
+
+@contextlib.contextmanager
+def _hooked(pairs):
+    """Inside, each (module, hook) pair's forward hook is registered (diagnostics only)."""
+    handles = [m.register_forward_hook(f) for m, f in pairs]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
 # -----------------------------------------------------------------------------
 # the experiment
 
@@ -735,6 +800,7 @@ def _run(cfg):
 
     if cfg.model != "gpt2-random":                         # (random weights: speed and memory only)
         res["zero_mlp"] = report_zero_mlp(model, tokenizer)    # Figure 9, before any SPD
+        res["causal_trace"] = report_causal_trace(model, tokenizer, cfg)   # Figures 7-8
 
     # 2) the decomposition (Algorithm 3, A.3.1): batch = both facts, loss on every valid token
     torch.manual_seed(cfg.seed)  # the same start whether the tiny target was trained or loaded
@@ -950,6 +1016,41 @@ def report_zero_mlp(model, tokenizer):
         print(f"{name:38s} | {r['P(sport)'][0]:17.4f} | {r['P(sport)'][1]:13.4f} | {r['facts_mean']:.4f}")
     return {"full": full, "layers": rows}
 
+def report_causal_trace(model, tokenizer, cfg):
+    """Analysis 0b (Figures 7-8), before any SPD: causal tracing of each athlete fact, the name's
+    token embeddings corrupted. The noise's std is cfg.trace_noise times the std of the token
+    embeddings of every fact here (Meng et al. take it over their facts' subjects, which we do not
+    have). "Half" (our reading; the figures give no numbers): the layers where restoring the MLP
+    outputs at the last name token brings back at least half of what the noise took."""
+    ids = sorted({i for f in ATHLETE_FACTS + FACTS for i in tokenizer.encode(f)})
+    wte = model.transformer.wte.weight
+    sigma = wte[ids].std().item()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    out = {"noise_std": cfg.trace_noise * sigma, "samples": cfg.trace_samples, "window": cfg.trace_window}
+    print(f"\n(0b) Figures 7-8, causal tracing (Meng et al.): the name's embeddings + noise of std "
+          f"{cfg.trace_noise} x {sigma:.3g}, {cfg.trace_samples} draws; P(sport) with one state "
+          f"restored at a token (rows) and layer (columns); MLP and attention: in a window of "
+          f"{cfg.trace_window} layer{'s' if cfg.trace_window > 1 else ''}")
+    for (first, last), fact in zip(ATHLETES, ATHLETE_FACTS):
+        prompt, target = split_prompt(tokenizer, fact)
+        n = len(tokenizer.encode(f"{first} {last}"))                    # the name's tokens lead
+        eps = out["noise_std"] * torch.randn(cfg.trace_samples, n, wte.shape[1], generator=gen)
+        r = {"tokens": token_strings(tokenizer, prompt)}
+        for kind in ("hidden", "mlp", "attn"):
+            r["clean"], r["corrupted"], grid = causal_trace(model, prompt, target, eps.to(wte),
+                                                            kind, cfg.trace_window)
+            r[kind] = grid.tolist()
+        got = [r["mlp"][n - 1][l] - r["corrupted"] for l in range(len(r["mlp"][0]))]
+        r["half"] = [l for l, g in enumerate(got) if g >= (r["clean"] - r["corrupted"]) / 2 > 0]
+        out[f"{first} {last}"] = r
+        print(f"{fact}: clean {r['clean']:.4f}, corrupted {r['corrupted']:.4f}; MLP restored at "
+              f"{r['tokens'][n - 1]!r} brings back half at layers {r['half'] or 'none'}")
+        for kind in ("hidden", "mlp", "attn"):
+            print(f"  {kind:8s}" + "".join(f"{l:>6d}" for l in range(len(r[kind][0]))))
+            for t, row in zip(r["tokens"], r[kind]):
+                print(f"  {t!r:>8s}" + "".join(f"{p:6.3f}" for p in row))
+    return out
+
 def report_where(model, s, on, tokenizer, edit_layers, more=()):
     """Analysis 7: where the two facts are, to read Analysis 6 by. (a) each block's attention / MLP
     output zeroed at the name tokens only (is the fact assembled there?); (b) the (1b) search in
@@ -1015,7 +1116,7 @@ def report_claim(res):
     return {"holds": all(holds.values()), **holds}
 
 def save_figures(res, out_dir):
-    """Figures 3, 4 and 9 as PNGs, only if matplotlib is importable. Returns the paths written."""
+    """Figures 3, 4, 7, 8 and 9 as PNGs, only if matplotlib is importable. Returns the paths written."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1054,6 +1155,17 @@ def save_figures(res, out_dir):
     ax.set_xlabel("MLP layer zeroed")
     ax.set_ylabel("P(sport); dashed: full model")
     paths.append(_savefig(fig, out_dir, "figure9.png"))
+    for number, athlete in zip((7, 8), (f"{a} {b}" for a, b in ATHLETES)):   # Figures 7, 8
+        r = res["causal_trace"][athlete]
+        fig, axes = plt.subplots(1, 3, figsize=(13, 0.35 * len(r["tokens"]) + 1.5))
+        for ax, kind in zip(axes, ("hidden", "mlp", "attn")):
+            im = ax.imshow(r[kind], cmap="Purples", vmin=0, aspect="auto")
+            ax.set_yticks(range(len(r["tokens"])), r["tokens"])
+            ax.set_xlabel("layer")
+            ax.set_title(f"{kind} restored")
+            fig.colorbar(im, ax=ax, label="P(sport)")
+        fig.suptitle(f"{athlete}: causal tracing (clean {r['clean']:.3f}, corrupted {r['corrupted']:.3f})")
+        paths.append(_savefig(fig, out_dir, f"figure{number}.png"))
     return paths
 
 def _savefig(fig, out_dir, name):
@@ -1082,7 +1194,7 @@ def main(argv=None):
         if not any(m in str(e) for m in ("allocate memory", "out of memory", "not enough memory")):
             raise
         print(f"error: out of memory ({str(e).splitlines()[0][:160]}); use a smaller --batch_size, "
-              f"--C, --d_gate or --n_mask_samples", file=sys.stderr)
+              f"--C, --d_gate, --n_mask_samples or --trace_samples", file=sys.stderr)
         sys.exit(2)
 
 if __name__ == "__main__":

@@ -1274,7 +1274,7 @@ def test_tiny_end_to_end_outputs(tmp_path, monkeypatch, capsys):
     assert saved == json.loads(json.dumps(res))
     assert set(saved) == {"config", "model", "tokens", "target_check", "training", "active",
                           "unique_layer0_mlp", "suppression", "fact_set", "names", "reversed",
-                          "zero_mlp", "claim", "where", "wall_seconds"}
+                          "zero_mlp", "causal_trace", "claim", "where", "wall_seconds"}
     cfg = saved["config"]
     assert (cfg["model"], cfg["preset"], cfg["steps"], cfg["C"]) == ("tiny", "tiny", 20, 64)
     assert saved["model"]["name"] == "tiny" and saved["model"]["threads"] == 1
@@ -1386,6 +1386,20 @@ def test_tiny_end_to_end_outputs(tmp_path, monkeypatch, capsys):
     assert z["full"]["P(sport)"] == [sup["before"][0][0], sup["before"][1][1]] and len(z["layers"]) == n_layer
     assert all(0 <= p <= 1 for r in z["layers"] for p in r["P(sport)"] + [r["facts_mean"]])
     assert printed.index("\n(0) ") < printed.index("preset tiny")       # before the decomposition
+    # (0b) causal tracing (Figures 7-8), before SPD: per athlete three (tokens x layers) grids
+    ct = saved["causal_trace"]
+    assert (ct["samples"], ct["window"]) == (10, 1) and ct["noise_std"] > 0
+    assert printed.index("\n(0b) ") < printed.index("preset tiny")
+    for b, (first, last) in enumerate(gpt2_facts.ATHLETES):
+        r = ct[f"{first} {last}"]
+        assert r["tokens"] == tokens[b][:-1] and r["clean"] == pytest.approx(z["full"]["P(sport)"][b], abs=1e-6)
+        assert r["corrupted"] < r["clean"] / 2                           # the noise hides the name
+        for kind in ("hidden", "mlp", "attn"):
+            assert len(r[kind]) == len(r["tokens"]) and {len(row) for row in r[kind]} == {n_layer}
+        assert r["hidden"][-1][-1] == pytest.approx(r["clean"], abs=1e-6)   # the last state at the end
+        assert r["hidden"][0][-1] == pytest.approx(r["corrupted"], abs=1e-6)
+        half = (r["clean"] - r["corrupted"]) / 2
+        assert r["half"] == [l for l in range(n_layer) if r["mlp"][3][l] - r["corrupted"] >= half]
     claim = saved["claim"]
     assert claim == {"holds": claim["basketball"] and claim["golf"] and claim["reversed"],
                      "basketball": saved["fact_set"]["basketball"]["selective"],
@@ -1425,6 +1439,69 @@ def test_tiny_end_to_end_outputs(tmp_path, monkeypatch, capsys):
     for sport in gpt2_facts.SPORTS:
         P = gpt2_facts.athlete_probs(gpt2_facts.suppress(model, s, sup[sport]["chosen"]), tokenizer)
         assert sum(P, []) == pytest.approx(sum(sup[sport]["after"], []), abs=1e-6)
+
+
+def gpt2_written_out(model, x, eps, patch):
+    """GPT-2's logits written out from its weights, eps (R, n, d) added to the first n token
+    embeddings of x (1, S); patch(j, part, t) returns block j's "attn" / "mlp" output or its
+    "hidden" output, maybe changed: the reference for causal tracing's hooks."""
+    tr, (R, n, d), S, nh = model.transformer, eps.shape, x.shape[1], model.config.n_head
+    h = tr.wte.weight[x].expand(R, S, d).clone()
+    h[:, :n] += eps
+    h = h + tr.wpe.weight[:S]
+    later = torch.ones(S, S, dtype=torch.bool).triu(1)
+    for j, blk in enumerate(tr.h):
+        qkv = blk.ln_1(h) @ blk.attn.c_attn.weight + blk.attn.c_attn.bias        # Conv1D: x W + b
+        q, k, v = (t.view(R, S, nh, d // nh).transpose(1, 2) for t in qkv.split(d, -1))
+        w = (q @ k.transpose(-1, -2) / math.sqrt(d // nh)).masked_fill(later, -math.inf).softmax(-1)
+        a = (w @ v).transpose(1, 2).reshape(R, S, d) @ blk.attn.c_proj.weight + blk.attn.c_proj.bias
+        h = h + patch(j, "attn", a)
+        m = F.gelu(blk.ln_2(h) @ blk.mlp.c_fc.weight + blk.mlp.c_fc.bias, approximate="tanh")
+        h = h + patch(j, "mlp", m @ blk.mlp.c_proj.weight + blk.mlp.c_proj.bias)
+        h = patch(j, "hidden", h)
+    return model.lm_head(tr.ln_f(h))                                               # (R, S, vocab)
+
+
+@torch.no_grad()
+def test_causal_trace_matches_gpt2_written_out():
+    """Figures 7-8: every cell of causal_trace (hooks on the model) equals the same restoration in
+    GPT-2 written out by hand, for each kind and a few windows; float64, a random GPT-2 with
+    large weights so that the noise and the restorations move P."""
+    torch.manual_seed(0)
+    tok = gpt2_facts.SubwordTokenizer()
+    config = GPT2Config(vocab_size=len(tok), n_layer=3, n_embd=32, n_head=2, n_inner=64, n_positions=32,
+                        initializer_range=0.3, bos_token_id=None, eos_token_id=None, **gpt2_facts.NO_DROPOUT)
+    model = GPT2LMHeadModel(config).eval().double()
+    prompt, target = gpt2_facts.split_prompt(tok, gpt2_facts.ATHLETE_FACTS[0])
+    n, S, L = 4, len(prompt), 3                                    # "K|obe| Bry|ant"
+    x, eps = torch.tensor([prompt]), 0.5 * torch.randn(3, n, 32, dtype=torch.float64)
+    clean = {}
+
+    def keep(j, part, t):
+        clean[(j, part)] = t[0]
+        return t
+    P = lambda noise, patch: gpt2_written_out(model, x, noise, patch)[:, -1].softmax(-1)[:, target].mean().item()
+    p_clean, p_corrupted = P(torch.zeros(1, n, 32, dtype=torch.float64), keep), P(eps, lambda j, part, t: t)
+    assert p_clean == pytest.approx(gpt2_facts.final_word_probs(model, tok, gpt2_facts.ATHLETE_FACTS[:1]).item(), rel=1e-12)
+    assert abs(p_corrupted - p_clean) > 0.5 * p_clean                        # the noise matters here
+    for kind, window in [("hidden", 1), ("mlp", 1), ("mlp", 2), ("attn", 3), ("attn", 10)]:
+        got_clean, got_corrupted, grid = gpt2_facts.causal_trace(model, prompt, target, eps, kind, window)
+        assert (got_clean, got_corrupted) == (pytest.approx(p_clean, rel=1e-12), pytest.approx(p_corrupted, rel=1e-12))
+        assert grid.shape == (S, L)
+        for l in range(L):
+            lo, hi = (l, l + 1) if kind == "hidden" else (max(0, l - window // 2), min(L, l - window // 2 + window))
+            for i in range(S):
+                def restore(j, part, t):
+                    if part != kind or not lo <= j < hi:
+                        return t
+                    t = t.clone()
+                    t[:, i] = clean[(j, part)][i]
+                    return t
+                assert grid[i, l].item() == pytest.approx(P(eps, restore), rel=1e-12), (kind, window, i, l)
+        assert grid.std() > 0.05 * grid.mean()                               # the cells differ
+        if kind == "hidden":          # the last block's output reaches the final logits at its token only
+            assert grid[-1, -1] == pytest.approx(p_clean, rel=1e-12)
+            assert grid[:-1, -1].tolist() == pytest.approx([p_corrupted] * (S - 1), rel=1e-12)
 
 
 def test_tiny_tokenizer_splits_names_into_shared_pieces():
@@ -1603,9 +1680,10 @@ def test_presets():
 
     # tiny: the same losses and schedule at the tiny model's size
     tiny = gpt2_facts.PRESETS["tiny"]
-    assert {k: v for k, v in tiny.items() if k not in ("C", "d_gate", "steps", "log_every", "threads")} \
+    assert {k: v for k, v in tiny.items() if k not in ("C", "d_gate", "steps", "log_every", "threads",
+                                                       "trace_window")} \
         == {k: v for k, v in paper.items() if k not in ("C", "d_gate", "steps", "log_every")}
-    assert tiny["C"] == gpt2_facts.TINY_CONFIG["n_embd"] and tiny["threads"] == 1
+    assert tiny["C"] == gpt2_facts.TINY_CONFIG["n_embd"] and tiny["threads"] == 1 and tiny["trace_window"] == 1
 
     # each model picks its default preset; --preset and --key=value override
     for model, preset in [("tiny", "tiny"), ("gpt2", "paper"), ("gpt2-random", "paper"),
@@ -2290,6 +2368,9 @@ def test_bad_input_never_loses_work(case, finished_runs, capsys):
     (["--C=0"], "--C=0 is out of range"), (["--threshold=-0.1"], "--threshold=-0.1 is out of range"),
     (["--batch_size=3"], "--batch_size must be a multiple of 2"), (["--steps=-1"], "--steps=-1 is out of range"),
     (["--last_token_only=true"], "the facts are right-padded"),
+    (["--trace_window=0"], "--trace_window=0 is out of range: it must be >= 1"),
+    (["--trace_samples=1e10"], "--trace_samples=10000000000 is out of range"),
+    (["--trace_noise=nan"], "--trace_noise=nan is out of range: it must be >= 0 and finite"),
     ([f"--threads={spd._CPUS + 1}", "--steps=1", "--save=false"],
      f"--threads={spd._CPUS + 1} is out of range: it must be 0 (one per core) to {spd._CPUS}"),
 ])

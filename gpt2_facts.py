@@ -815,7 +815,7 @@ def _run(cfg):
           f"C {cfg.C} each = {cfg.C * len(s.layers):,} subcomponents, {cfg.ci} CI with "
           f"D_gate {cfg.d_gate}, {n_train:,} trainable parameters")
     print(f"{cfg.steps} steps, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr}, "
-          f"expected ~{step_s * cfg.steps / 60:.1f} min ({1 / step_s:.1f} steps/s measured)")
+          f"expected ~{step_s * cfg.steps / 60:.1f} min ({1 / step_s:.3g} steps/s measured)")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -827,7 +827,7 @@ def _run(cfg):
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     last = history[-1]
     terms = [k for k in last if k not in ("step", "total", "L0", "it/s")]
-    print(f"\ndecomposition done: {train_s:.0f} s, {cfg.steps / train_s:.1f} steps/s"
+    print(f"\ndecomposition done: {train_s:.0f} s, {cfg.steps / train_s:.3g} steps/s"
           + (f", peak GPU memory {peak:.1f} GiB" if peak is not None else ""))
     print("final losses: " + ", ".join(f"{k} {last[k]:.2e}" for k in terms))
     res["training"] = {"steps": cfg.steps, "seconds": train_s, "steps_per_s": cfg.steps / train_s,
@@ -851,6 +851,7 @@ def _run(cfg):
         os.remove(checkpoint)                                    # complete: results.json holds it
     figures = save_figures(res, cfg.out_dir) if "fact_set" in res else None
     print(f"\nwrote {os.path.join(cfg.out_dir, 'results.json')}"
+          + (f", {res['training']['saved']}" if "saved" in res["training"] else "")
           + (f" and {', '.join(figures)}" if figures else " (no matplotlib: no figures)"
              if figures is not None else "")
           + f"; total {res['wall_seconds']:.0f} s")
@@ -942,7 +943,7 @@ def report_suppression(model, edited, edits, tokenizer, P0):
         P = athlete_probs(m, tokenizer)
         k = sum(len(cs) for cs in edits[sport].values())
         desc = " ".join(f"{short(n).replace('.mlp', '')}{cs}" for n, cs in edits[sport].items())
-        print(f"{'-' + sport:14s} {desc or 'none found':28.28s} | {fmt(P)}")
+        print(f"{'-' + sport:14s} {desc or 'none found':28s} | {fmt(P)}")
         out[sport] = {"chosen": edits[sport], "n_directions": k, "after": P}
     return out
 
@@ -1185,7 +1186,7 @@ def main(argv=None):
     try:
         return run(parse_config(argv))
     except (spd.SPDError, WeightsUnavailableError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {spd.resume_command(e, 'gpt2_facts.py', argv)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:                           # outside training (which saves first)
         print("error: interrupted", file=sys.stderr)

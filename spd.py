@@ -33,6 +33,7 @@ import json
 import math
 import numbers
 import os
+import shlex
 import threading
 import time
 from typing import ClassVar
@@ -494,7 +495,7 @@ def sample_masks(g):
 # 5. Losses
 
 def kl_divergence(logits, target_logits, weight=None, keep=0):
-    """D_KL(target || pred) = Σ_v p_target (log p_target - log p_pred), as SPD's code (Eq. 2-6 list
+    """D_KL(target || pred) = Σ_v p_target (log p_target - log p_pred), as SPD's code (Eq. 2, 3, 5, 6 list
     the arguments the other way; README), summed over the vocabulary, then averaged (or `weight`ed)
     over the rest but the first `keep` dimensions (K mask sets: target_logits broadcasts over them)."""
     kl = F.kl_div(logits.log_softmax(-1), target_logits.log_softmax(-1), log_target=True,
@@ -667,20 +668,21 @@ def lr_at(cfg, step):
 def training_step(spd, x, cfg, step, weight=None):
     """One SPD step (Algorithm 3) on batch x; returns (total loss, {term: value}, g).
 
-    weight (B, S), optional: which positions count (e.g. not padding)."""
-    # 1) Y <- M_θ(X): the target's logits, and each decomposed layer's input
+    weight (B, S), optional: which positions count (e.g. not padding). The comments number
+    Algorithm 3's steps: step 1 (sampling x) is the caller's, step 10 (the update) train's."""
+    # 2) Y <- M_θ(X): the target's logits, and each decomposed layer's input
     target_logits, inputs = spd.target_forward(x)
-    # 2) C <- C_φ(X): causal importances, lower-leaky for masks, upper-leaky for minimality
+    # 3) C <- C_φ(X): causal importances, lower-leaky for masks, upper-leaky for minimality
     pre = spd.causal_importance(inputs)
     g = {n: leaky_hard_sigmoid(v) for n, v in pre.items()}
-    # 3) R <- SampleMasks(C): S samples, shared by every stochastic loss
+    # 4) R <- SampleMasks(C): S samples, shared by every stochastic loss
     R = [{n: sample_masks(v) for n, v in g.items()} for _ in range(cfg.n_mask_samples)]
-    # 4) the decomposed model under all masks of all reconstruction losses, in one forward
+    # 5) Ỹ <- M̃_φ(X; R): the decomposed model under every loss's masks, in one forward
     names = [n for n in RECONSTRUCTIONS if getattr(cfg, "beta_" + n) != 0]
     terms = reconstruction_losses(spd, x, target_logits, g, R, names, weight, cfg.last_token_only)
     terms["faithfulness"] = faithfulness_loss(spd)
     terms["minimality"] = importance_minimality_loss_fused(pre, minimality_p(cfg, step), weight)
-    # 5) L = Σ_k β_k L_k
+    # 6-9) L = Σ_k β_k L_k
     beta = {n: getattr(cfg, "beta_" + n) for n in terms} | {"minimality": beta_minimality_at(cfg, step)}
     total = sum(beta[n] * v for n, v in terms.items())
     return total, terms, g
@@ -749,6 +751,8 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
                 diverged(f"the faithfulness warm-up ended at L_faithful {fit}",
                          "try a lower --faithfulness_warmup_lr")
             log(f"faithfulness warm-up: {cfg.faithfulness_warmup_steps} steps -> L_faithful {fit:.2e}")
+        log("L0 below: the mean number of subcomponents with g > 0 per position, for "
+            + ", ".join(spd.layers))
         t0 = time.time()
         bar = tqdm(range(first, cfg.steps), desc="SPD", mininterval=1.0, leave=False, disable=None)
         for step in bar:
@@ -771,7 +775,7 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
                 history.append(row)
                 l0 = " ".join(f"{v:.1f}" for v in row["L0"].values())
                 log(f"step {step:6d} | " + " ".join(f"{k} {row[k]:.2e}" for k in ["total", *terms])
-                    + f" | L0 {l0} | {row['it/s']:.1f} it/s")
+                    + f" | L0 {l0} | {row['it/s']:.3g} it/s")
             if stop:
                 save_now(step + 1)
                 raise SPDError(f"interrupted after step {step}" + (
@@ -1097,6 +1101,14 @@ def _on_interrupt(handler):
     finally:
         if main:
             signal.signal(signal.SIGINT, old)
+
+
+def resume_command(error, script, argv):
+    """An error's text, with train's "continue with --resume=true" spelled out as the whole
+    command to type (the run's own settings, which a resume must repeat)."""
+    args = " ".join(shlex.quote(a) for a in argv if not a.startswith("--resume="))
+    return str(error).replace("continue with --resume=true",
+                              f"continue with: python {script} {args} --resume=true".replace("  ", " "))
 
 
 def keep_freed_memory():

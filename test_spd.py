@@ -9,6 +9,7 @@ import math
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -1240,12 +1241,13 @@ def test_facts_ctrl_c_then_resume(tmp_path, monkeypatch, capsys, ctrl_c_fails):
     with pytest.raises(SystemExit):
         gpt2_facts.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and re.search(r"interrupted after step 1; saved .*checkpoint.pt: continue with "
-                                       r"--resume=true", err[0]), err
+    said = re.fullmatch(r"error: interrupted after step 1; saved .*checkpoint.pt: continue with: "
+                        r"python gpt2_facts.py (.*)", err[0]) if len(err) == 1 else None
+    assert said and shlex.split(said[1]) == argv + ["--resume=true"], err   # the command to type
     assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "results.json").exists()
     steps = []
     monkeypatch.setattr(spd, "training_step", lambda *a, **kw: steps.append(a[3]) or step(*a, **kw))
-    res = gpt2_facts.main(argv + ["--resume=true"])
+    res = gpt2_facts.main(shlex.split(said[1]))
     assert [row["step"] for row in res["training"]["history"]] == [0, 1, 2, 3]
     assert [t for t in steps if t] == [2, 3]                 # steps 2 and 3 (0: the timing's)
     assert not (tmp_path / "checkpoint.pt").exists() and (tmp_path / "spd.pt").exists()
@@ -2379,6 +2381,17 @@ def test_facts_bad_config(extra, message, capsys, tmp_path):
         gpt2_facts.main(["--model=tiny", f"--out_dir={tmp_path}", *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code != 0 and len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_resume_command_spells_out_the_command():
+    """After Ctrl-C the error names the whole command that continues the run: the run's own
+    settings (quoted for a shell), one --resume=true, nothing else changed."""
+    e = spd.SPDError("interrupted after step 3; saved d/checkpoint.pt: continue with --resume=true")
+    said = spd.resume_command(e, "induction.py", ["--steps=5", "--out_dir=a b", "--resume=true"])
+    assert said == ("interrupted after step 3; saved d/checkpoint.pt: continue with: python induction.py "
+                    "--steps=5 '--out_dir=a b' --resume=true")
+    assert spd.resume_command(e, "induction.py", []).endswith("continue with: python induction.py --resume=true")
+    assert spd.resume_command(spd.SPDError("no such file"), "induction.py", ["--C=4"]) == "no such file"
 
 
 def test_home_paths_are_expanded():

@@ -2098,6 +2098,9 @@ def test_target_curve_rows_are_interval_means_and_a_resume_continues_them(tmp_pa
     induction.train_target(save_path=old, **kw)
     assert [r["step"] for r in curve_of(old)] == [20, 25] and curve_of(old)[1] == whole[2]
     assert curve_of(old)[0]["loss"] == pytest.approx(statistics.fmean(losses[:7]), rel=1e-12)  # steps 14-20
+    calls[:], at[:] = [], [3]                  # Ctrl-C at step 3 when the accuracy is reached: it finishes
+    induction.train_target(save_path=str(tmp_path / "early.pt"), **{**kw, "target_acc": 0.0})
+    assert [r["step"] for r in curve_of(str(tmp_path / "early.pt"))] == [3]       # (its last row too)
 
 
 def hand_curve():

@@ -40,6 +40,7 @@ import contextlib
 import copy
 import dataclasses
 import importlib.util
+import itertools
 import math
 import os
 import statistics
@@ -907,15 +908,15 @@ def figure5(curve, factor=2.0):
     """The phase changes in a loss curve recorded by train_target (rows: step, loss, acc, m_to_s1).
 
     The paper shows the curve (Figure 5: "expected phase changes are present") and gives no rule;
-    this one is ours: a row is steep where its mean loss is below the lowest mean loss of all
-    earlier rows by more than `factor` (a fall by more than 2x since the previous check, to a new
-    low, which a noisy tail's return from a spike is not); a phase change is a maximal run of steep
-    rows, from the row before it to its last row, and its plateau the rows since the previous phase
-    change (or the first row) up to where it starts. It depends on the checks' spacing (one
-    --target_eval_every: a fall over many short intervals has no steep row).
+    this one is ours: a row is steep where its mean loss is below 1/factor of the lowest mean loss
+    of all earlier rows (factor 2: less than half; a noisy tail's return from a spike to near its
+    low is not steep); a phase change is a maximal run of steep rows, from the row before it to its
+    last row, and its plateau the rows since the previous phase change (or the first row) up to
+    where it starts. It depends on the checks' spacing (--target_eval_every): a fall spread over
+    many short intervals has no steep row.
     """
-    # 1) steep rows: a new low, `factor` below all earlier rows
-    low = [min(r["loss"] for r in curve[:i]) for i in range(1, len(curve))]   # low[i-1]: rows < i
+    # 1) steep rows: a new low, below 1/factor of all earlier rows
+    low = list(itertools.accumulate((r["loss"] for r in curve), min))   # low[i]: the lowest of rows <= i
     steep = [i for i in range(1, len(curve)) if curve[i]["loss"] * factor < low[i - 1]]
     # 2) maximal runs of them: the phase changes, each with the plateau before it
     runs = []
@@ -940,9 +941,11 @@ def print_figure5(r, path, log=print):
     curve, changes = r["curve"], r["phase_changes"]
     ends = {c[k] for c in changes for k in ("start", "end")}
     every = max(1, round(len(curve) / 24))
-    shown = [row for i, row in enumerate(curve) if i % every == 0 or i == len(curve) - 1 or row["step"] in ends]
-    log(f"\nFigure 5: the loss curve of {path} ({len(curve)} checks, {len(shown)} shown; * where a "
-        f"phase change starts or ends)")
+    shown = [row for i, row in enumerate(curve)
+             if i % every == 0 or i == len(curve) - 1 or row["step"] in ends]
+    log(f"\nFigure 5: the loss curve of {path} ({'finished' if r['finished'] else 'unfinished'}, at "
+        f"step {r['target_step']}; {len(curve)} checks, {len(shown)} shown; * where a phase change "
+        f"starts or ends)")
     log(f"  {'step':>7s} {'mean loss':>10s} {'held-out acc':>13s} {'m->s1':>6s}")
     for row in shown:
         log(f"  {row['step']:7d} {row['loss']:10.3e} {row['acc']:13.4f} {row['m_to_s1']:6.3f}"
@@ -960,7 +963,8 @@ def save_figure5(r, path):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([row["step"] for row in r["curve"]], [row["loss"] for row in r["curve"]], ".-", markersize=3)
     for i, c in enumerate(r["phase_changes"]):
-        ax.axvspan(c["start"], c["end"], color="orange", alpha=0.3, label="phase change (our rule)" if i == 0 else None)
+        ax.axvspan(c["start"], c["end"], color="orange", alpha=0.3,
+                   label="phase change (our rule)" if i == 0 else None)
     ax.set(xlabel="step", ylabel="training loss (mean since the previous check)", yscale="log")
     if r["phase_changes"]:
         ax.legend()
@@ -971,7 +975,8 @@ def save_figure5(r, path):
 
 
 def read_curve(path):
-    """The loss curve train_target saved in a target file (finished or not), and the file's step."""
+    """{target_path, target_step, finished, curve}: the loss curve train_target saved in a target
+    file, finished or not (a run in progress too)."""
     if not os.path.exists(path):
         raise spd.SPDError(f"--target_path={path} is not there: --figure5 reads the loss curve that "
                            f"--train-target saves in it")
@@ -980,7 +985,8 @@ def read_curve(path):
         raise spd.SPDError(f"{path} has no loss curve: it was trained before train_target recorded one "
                            f"(or not by --train-target); make one with python induction.py --preset=paper "
                            f"--train-target --target_path=NEW.pt")
-    return ckpt["curve"], ckpt["step"]
+    return dict(target_path=path, target_step=ckpt["step"], finished="optimizer" not in ckpt,
+                curve=ckpt["curve"])
 
 
 RULES = {**spd.CONFIG_RULES,  # the allowed values of InductionConfig's own fields
@@ -1115,12 +1121,13 @@ def main(argv):
                            f"or its measurements; pass another --target_path")
     spd.make_dir(cfg.out_dir, "--out_dir")
     if "--figure5" in modes:                          # the curve --train-target saved: nothing trained
-        curve, step = read_curve(cfg.target_path)
-        r = {"target_path": cfg.target_path, "target_step": step, **figure5(curve)}
+        saved = read_curve(cfg.target_path)
+        r = {**saved, **figure5(saved["curve"])}
         print_figure5(r, cfg.target_path)
         name = kept("figure5")
         spd.atomic_write(out(f"{name}.json"), r)
-        print(f"wrote {out(name + '.json')}" + (f" and {name}.png" if save_figure5(r, out(f"{name}.png")) else ""))
+        png = save_figure5(r, out(f"{name}.png"))
+        print(f"wrote {out(name + '.json')}" + (f" and {name}.png" if png else ""))
         return r
     if "--train-target" in modes or not os.path.exists(cfg.target_path):  # checked before training
         spd.make_dir(os.path.dirname(cfg.target_path), "--target_path")

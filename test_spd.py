@@ -2122,11 +2122,11 @@ def test_figure5_phase_changes_table_json_and_an_earlier_json_kept(tmp_path, mon
         == [(10, 410, 430, 4.7, 0.2), (430, 450, 460, 0.14, 0.05)]
     out = capsys.readouterr().out
     rows = re.findall(r"^ +(\d+) +\S+e[+-]\d+ +0.5000 +0.250( \*)?$", out, re.M)
-    assert "100 checks, 28 shown" in out and len(rows) == 28 and rows[-1] == ("1000", "")
+    assert "(finished, at step 1000; 100 checks, 28 shown" in out and len(rows) == 28 and rows[-1] == ("1000", "")
     assert [step for step, star in rows if star] == ["410", "430", "450", "460"]
     assert "steps 410-430 fall 4.7 -> 0.2" in out and "steps 450-460 fall 0.14 -> 0.05" in out
     first = (tmp_path / "figure5.json").read_bytes()
-    assert json.loads(first) == r and r["target_step"] == 1000
+    assert json.loads(first) == r and r["target_step"] == 1000 and r["finished"]
     induction.main(induction_argv(tmp_path, "--figure5"))
     assert (tmp_path / "figure5.json").read_bytes() == first and len(list(tmp_path.glob("figure5_*.json"))) == 1
     assert "figure5.json is kept (an earlier measurement)" in capsys.readouterr().out

@@ -2105,8 +2105,9 @@ def test_target_curve_rows_are_interval_means_and_a_resume_continues_them(tmp_pa
 
 def hand_curve():
     """100 checks 10 steps apart: a plateau, a fall in two steep checks, two slow, one steep, a
-    spike and its return (5x below the check before, but not below the earlier low), a flat tail."""
-    losses = [4.8] * 40 + [4.7, 1.0, 0.2, 0.15, 0.14, 0.05, 0.2, 0.04] + [0.03] * 52
+    spike and its return (1.55 nats below the check before, 0.05 below the earlier low), a slow
+    tail that then falls 100x in one check, by 0.04 nats (steep only on a log axis)."""
+    losses = [4.8] * 40 + [4.75, 3.0, 1.0, 0.95, 0.9, 0.5, 2.0] + [0.45 - 0.05 * i for i in range(9)] + [0.04] + [4e-4] * 43
     return [dict(step=10 * (i + 1), loss=l, acc=0.5, m_to_s1=0.25) for i, l in enumerate(losses)]
 
 
@@ -2119,12 +2120,12 @@ def test_figure5_phase_changes_table_json_and_an_earlier_json_kept(tmp_path, mon
                           curve=hand_curve())
     r = induction.main(induction_argv(tmp_path, "--figure5"))
     assert [(c["plateau_from"], c["start"], c["end"], c["loss_start"], c["loss_end"]) for c in r["phase_changes"]] \
-        == [(10, 410, 430, 4.7, 0.2), (430, 450, 460, 0.14, 0.05)]
+        == [(10, 410, 430, 4.75, 1.0), (430, 450, 460, 0.9, 0.5)]
     out = capsys.readouterr().out
     rows = re.findall(r"^ +(\d+) +\S+e[+-]\d+ +0.5000 +0.250( \*)?$", out, re.M)
     assert "(finished, at step 1000; 100 checks, 28 shown" in out and len(rows) == 28 and rows[-1] == ("1000", "")
     assert [step for step, star in rows if star] == ["410", "430", "450", "460"]
-    assert "steps 410-430 fall 4.7 -> 0.2" in out and "steps 450-460 fall 0.14 -> 0.05" in out
+    assert "steps 410-430 fall 4.75 -> 1 " in out and "steps 450-460 fall 0.9 -> 0.5 " in out
     first = (tmp_path / "figure5.json").read_bytes()
     assert json.loads(first) == r and r["target_step"] == 1000 and r["finished"]
     induction.main(induction_argv(tmp_path, "--figure5"))

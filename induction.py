@@ -935,8 +935,8 @@ def figure5(curve, drop=0.05):
                             loss_end=curve[b]["loss"],
                             acc_start=curve[a]["acc"], acc_end=curve[b]["acc"]))
         prev = b
-    return {"rule": f"consecutive checks each with a mean loss {drop:g} x the first check's below the "
-                    f"lowest of all earlier checks (our rule; the paper gives none)", "drop": drop,
+    return {"rule": f"consecutive checks each with a mean loss more than {drop:g} x the first check's "
+                    f"below the lowest of all earlier ones (our rule; the paper gives none)", "drop": drop,
             "phase_changes": changes, "curve": curve}
 
 
@@ -944,11 +944,11 @@ def print_figure5(r, path, log=print):
     curve, changes = r["curve"], r["phase_changes"]
     ends = {c[k] for c in changes for k in ("start", "end")}
     every = max(1, round(len(curve) / 24))
-    shown = [row for i, row in enumerate(curve)
-             if i % every == 0 or i == len(curve) - 1 or row["step"] in ends]
+    shown = [row for i, row in enumerate(curve) if i % every == 0 or i == len(curve) - 1 or
+             any(c["start"] <= row["step"] <= c["end"] for c in changes)]
     log(f"\nFigure 5: the loss curve of {path} ({'finished' if r['finished'] else 'unfinished'}, at "
-        f"step {r['target_step']}; {len(curve)} checks, {len(shown)} shown; * where a phase change "
-        f"starts or ends)")
+        f"step {r['target_step']}; {len(curve)} checks, {len(shown)} shown: every {every}, the last, "
+        f"all in a phase change; * where one starts or ends)")
     log(f"  {'step':>7s} {'mean loss':>10s} {'held-out acc':>13s} {'m->s1':>6s}")
     for row in shown:
         log(f"  {row['step']:7d} {row['loss']:10.3e} {row['acc']:13.4f} {row['m_to_s1']:6.3f}"

@@ -2113,7 +2113,7 @@ def hand_curve():
 
 def test_figure5_phase_changes_table_json_and_an_earlier_json_kept(tmp_path, monkeypatch, capsys):
     """--figure5 reads the curve saved in the target (it trains nothing): our rule's phase changes
-    on a hand-made curve, ~25 evenly spaced rows plus the last and the phase changes' ends (marked),
+    on a hand-made curve, ~25 evenly spaced rows plus the last and the phase changes' (ends marked),
     figure5.json; a second call keeps the first's figure5.json and writes another."""
     monkeypatch.setattr(induction, "train_target", None)             # (a call would fail)
     induction.save_target(induction.InductionTransformer(), str(tmp_path / "target.pt"), step=1000,
@@ -2123,7 +2123,8 @@ def test_figure5_phase_changes_table_json_and_an_earlier_json_kept(tmp_path, mon
         == [(10, 410, 430, 4.75, 1.0), (430, 450, 460, 0.9, 0.5)]
     out = capsys.readouterr().out
     rows = re.findall(r"^ +(\d+) +\S+e[+-]\d+ +0.5000 +0.250( \*)?$", out, re.M)
-    assert "(finished, at step 1000; 100 checks, 28 shown" in out and len(rows) == 28 and rows[-1] == ("1000", "")
+    assert "(finished, at step 1000; 100 checks, 29 shown" in out and len(rows) == 29 and rows[-1] == ("1000", "")
+    assert [step for step, _ in rows if 400 < int(step) < 470] == ["410", "420", "430", "450", "460"]
     assert [step for step, star in rows if star] == ["410", "430", "450", "460"]
     assert "steps 410-430 fall 4.75 -> 1 " in out and "steps 450-460 fall 0.9 -> 0.5 " in out
     first = (tmp_path / "figure5.json").read_bytes()

@@ -968,7 +968,7 @@ def save_figure5(r, path):
     for i, c in enumerate(r["phase_changes"]):
         ax.axvspan(c["start"], c["end"], color="orange", alpha=0.3,
                    label="phase change (our rule)" if i == 0 else None)
-    ax.set(xlabel="step", ylabel="training loss (mean since the previous check)", yscale="log")
+    ax.set(xlabel="step", ylabel="mean training loss per check", yscale="log")
     if r["phase_changes"]:
         ax.legend()
     fig.tight_layout()

@@ -911,12 +911,13 @@ def figure5(curve, drop=0.05):
     this one is ours, set after seeing seed 7's curve (README): a row is steep where its mean loss
     is below the lowest mean loss of all earlier rows by more than `drop` x the first row's (0.05:
     ~0.25 nats at the untrained ~5; 0.02 also named seed 7's first 500 steps, 4.98 -> 4.87, down to
-    about ln 130, uniform logits' loss). A return from a spike is no new low, and the falls of a tail below
-    ~0.25 nats, however steep on Figure 5's log axis, are not steep (a rule by factors, "below half
-    the earlier low", named two in seed 7's noisy tail at ~1e-4). A phase change is a maximal
-    run of steep rows, from the row before it to its last row; its plateau, the rows since the
-    previous phase change (or the first row) up to where it starts. The rule depends on the checks'
-    spacing (--target_eval_every): a fall spread over many short intervals has no steep row.
+    about ln 130, the loss of uniform logits). A return from a spike is no new low, and a tail's
+    falls below ~0.25 nats, however steep on Figure 5's log axis, are not steep (a rule by factors,
+    "below half the earlier low", named two more in seed 7's noisy tail, below 6e-4). A phase change
+    is a maximal run of steep rows, from the row before it to its last row; its plateau, the rows
+    since the previous phase change (or the first row) up to where it starts. The rule depends on
+    the checks' spacing (--target_eval_every): a fall spread over many short intervals has no steep
+    row.
     """
     # 1) steep rows: a new low, more than drop x the first loss below all earlier rows
     low = list(itertools.accumulate((r["loss"] for r in curve), min))   # low[i]: the lowest of rows <= i

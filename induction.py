@@ -1,6 +1,6 @@
 """
 The induction-head toy task of "Decomposition of Small Transformer Models" (arXiv 2511.08854):
-Sections 5.1 and 6.1, Tables 1-4, Figure 2 and Algorithm 2, with the SPD method of spd.py.
+Sections 5.1 and 6.1, Tables 1-4, Figures 2 and 5 and Algorithm 2, with the SPD method of spd.py.
 
   1) data: random sequences [BOS] T.. s m T.. s; the label is the m-token that follows the
      first s-token, so the task is solvable only by an induction head (Sec. 5.1, Fig. 1);
@@ -12,7 +12,8 @@ Sections 5.1 and 6.1, Tables 1-4, Figure 2 and Algorithm 2, with the SPD method 
   4) the decomposition of Q, K, V of both layers (Table 4 as the `paper` preset; a `cpu`
      preset for 2 cores) and Table 1;
   5) Figure 2: SPD vs greedy rank-1 SVD pruning (Algorithm 2);
-  6) Table 2: iterations per second of the decomposition step per CI function and length.
+  6) Table 2: iterations per second of the decomposition step per CI function and length;
+  7) Figure 5: the loss curve of a target trained by --train-target, and its phase changes.
 
 The data follow the official SPD library's induction experiment (goodfire-ai/spd,
 spd/experiments/ih), written by the paper's first author with Table 3's settings; the positions
@@ -30,6 +31,7 @@ Run:  python induction.py [--preset=cpu|paper] [--key=value ...]   Table 1
       python induction.py --table2                                  Table 2
       python induction.py --bench [--bench_against=OLD/spd.py]      ms per step (our speed check)
       python induction.py --preset=paper --train-target --target_path=NEW.pt   the target, Table 3 exactly
+      python induction.py --figure5 --target_path=NEW.pt              Figure 5: its loss curve
 
 Dimensions: B batch, S sequence, d d_model, V vocabulary, C subcomponents per matrix.
 """
@@ -38,6 +40,7 @@ import contextlib
 import copy
 import dataclasses
 import importlib.util
+import itertools
 import math
 import os
 import statistics
@@ -222,8 +225,11 @@ def train_target(steps=3000, batch_size=256, lr=1e-2, weight_decay=0.01, warmup=
 
     Linear warmup to lr, then constant. Every eval_every steps the accuracy on a fixed
     held-out batch is checked; training stops once it reaches target_acc (None: never, run all
-    steps as Table 3 does). save_path: also save the model, optimizer and data-generator state
-    there at every check and on Ctrl-C (atomically); if that file holds an unfinished run, continue it
+    steps as Table 3 does). The loss curve (Figure 5): at each check (and the last step) one row
+    {step, loss: the mean training loss over the steps since the previous row, acc, m_to_s1}.
+    save_path: also save the model, optimizer, data-generator state and the curve there at every
+    check and on Ctrl-C (atomically; with the running sum of the row in progress, so that a resumed
+    run records the same rows as an unbroken one); if that file holds an unfinished run, continue it
     (a finished one is refused). It is locked meanwhile (<save_path>.lock, an empty file, stays).
     num_threads: call torch.set_num_threads(num_threads) first (None: leave torch's default).
     """
@@ -236,6 +242,7 @@ def train_target(steps=3000, batch_size=256, lr=1e-2, weight_decay=0.01, warmup=
     gen = torch.Generator().manual_seed(seed)
     first, recipe = 1, dict(batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
                             seed=seed)
+    curve, since = [], (0.0, 0)          # the loss curve's rows, and (sum, count) of the row in progress
     lock = spd._locked(save_path, "--target_path") if save_path else contextlib.nullcontext()
     with lock:                                    # (a second run training to save_path stops)
         if save_path and os.path.exists(save_path):             # continue an interrupted run
@@ -255,9 +262,11 @@ def train_target(steps=3000, batch_size=256, lr=1e-2, weight_decay=0.01, warmup=
             model.load_state_dict(saved.state_dict())
             opt.load_state_dict(ckpt["optimizer"])
             gen.set_state(ckpt["generator"])
-            first = ckpt["step"] + 1
+            first = ckpt["step"] + 1                            # (files older than the curve: it
+            curve, since = ckpt.get("curve", []), ckpt.get("curve_since", since)   # starts here)
             log(f"continuing {save_path} from step {first}")
         t0, stop = time.time(), []
+        total, n = torch.tensor(since[0], dtype=torch.float64, device=device), since[1]  # this row's losses
         with spd._on_interrupt(lambda: stop.append(True)):    # Ctrl-C: save this step, then stop
             for step in range(first, steps + 1):
                 # 1) lr: linear warmup, then constant
@@ -267,16 +276,23 @@ def train_target(steps=3000, batch_size=256, lr=1e-2, weight_decay=0.01, warmup=
                 tokens, s1 = make_batch(batch_size, cfg["max_seq_len"], cfg["vocab_size"], gen, device)
                 logits = model(tokens, final_only=True)  # (B,V)
                 loss = F.cross_entropy(logits, m_tokens(tokens, s1))
+                total += loss.detach()                             # (no sync with the device)
+                n += 1
                 # 3) backward and step
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                # 4) log, save and early stop on held-out accuracy
-                if step % eval_every == 0 or step == steps or stop:
+                # 4) log, record the curve, save and early stop on held-out accuracy
+                row_due = step % eval_every == 0 or step == steps
+                if row_due or stop:
                     acc = evaluate_target(model, n=2048, seed=EVAL_SEED + 1)
                     mech = mechanism_check(model, n=256)
-                    log(f"step {step:6d} | loss {loss.item():.2e} | held-out acc {acc:.4f} | "
-                        f"m->s1 {mech['l0_m_to_s1']:.3f} | {time.time() - t0:6.1f}s")
+                    row = dict(step=step, loss=total.item() / n, acc=acc, m_to_s1=mech["l0_m_to_s1"])
+                    log(f"step {step:6d} | mean loss {row['loss']:.2e} | held-out acc {acc:.4f} | "
+                        f"m->s1 {row['m_to_s1']:.3f} | {time.time() - t0:6.1f}s")
+                    if row_due:                        # (on Ctrl-C between rows: the sum is saved)
+                        curve.append(row)
+                        total, n = total.zero_(), 0
                     if not all(p.isfinite().all() for p in model.parameters()):    # (diverged: save nothing)
                         raise spd.SPDError(f"step {step}: the target's loss is {loss.item():.3g} and its "
                                            f"weights are not finite; stopped, " + (
@@ -285,7 +301,8 @@ def train_target(steps=3000, batch_size=256, lr=1e-2, weight_decay=0.01, warmup=
                                            "; try a lower --target_lr")
                     if save_path:
                         save_target(model, save_path, step=step, optimizer=opt.state_dict(),
-                                    generator=gen.get_state(), recipe=recipe)
+                                    generator=gen.get_state(), recipe=recipe, curve=curve,
+                                    curve_since=(total.item(), n))
                     if target_acc is not None and acc >= target_acc:
                         break
                 if stop and step < steps:                         # (at the last step: finish)
@@ -294,9 +311,9 @@ def train_target(steps=3000, batch_size=256, lr=1e-2, weight_decay=0.01, warmup=
                         "nothing saved: run again to start again"))
         if target_acc is not None and acc < target_acc:
             log(f"warning: held-out accuracy {acc:.4f} < {target_acc} after {steps} steps")
-        if save_path:                                             # finished: no optimizer state
-            save_target(model, save_path, step=step, recipe=dict(
-                steps=steps, target_acc=target_acc, device=str(device), **recipe))
+        if save_path:                         # finished: no optimizer state (an early stop between
+            save_target(model, save_path, step=step, curve=curve + [row] * (n > 0),   # rows: its row too)
+                        recipe=dict(steps=steps, target_acc=target_acc, device=str(device), **recipe))
     return model
 
 
@@ -718,12 +735,19 @@ def print_figure2(r, log=print):
             f"{svd['pieces']}: SPD is {'more' if best['pieces'] < svd['pieces'] else 'not more'} minimal")
 
 
-def save_figure2(r, path):
+def pyplot():
+    """matplotlib.pyplot (drawing to files only), or None where matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def save_figure2(r, path):
+    if not (plt := pyplot()):
         return False
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([p["pieces"] for p in r["spd"]], [p["kl"] for p in r["spd"]], "o-", label="SPD")
@@ -877,6 +901,98 @@ def print_table2(rows, lengths, device, log=print):
             for c, p in zip(cells, PAPER_TABLE2[label])))
 
 
+# -----------------------------------------------------------------------------
+# Figure 5 (Appendix A.2.2): the target's training loss curve and its phase changes
+
+def figure5(curve, drop=0.05):
+    """The phase changes in a loss curve recorded by train_target (rows: step, loss, acc, m_to_s1).
+
+    The paper shows the curve (Figure 5: "expected phase changes are present") and gives no rule;
+    this one is ours, set after seeing seed 7's curve (README): a row is steep where its mean loss
+    is below the lowest mean loss of all earlier rows by more than `drop` x the first row's (0.05:
+    ~0.25 nats at the untrained ~5; 0.02 also named seed 7's first 500 steps, 4.98 -> 4.87, down to
+    about ln 130, the loss of uniform logits). A return from a spike is no new low, and a tail's
+    falls below ~0.25 nats, however steep on Figure 5's log axis, are not steep (a rule by factors,
+    "below half the earlier low", named two more in seed 7's noisy tail, below 6e-4). A phase change
+    is a maximal run of steep rows, from the row before it to its last row; its plateau, the rows
+    since the previous phase change (or the first row) up to where it starts. The rule depends on
+    the checks' spacing (--target_eval_every): a fall spread over many short intervals has no steep
+    row.
+    """
+    # 1) steep rows: a new low, more than drop x the first loss below all earlier rows
+    low = list(itertools.accumulate((r["loss"] for r in curve), min))   # low[i]: the lowest of rows <= i
+    steep = [i for i in range(1, len(curve)) if curve[i]["loss"] < low[i - 1] - drop * curve[0]["loss"]]
+    # 2) maximal runs of them: the phase changes, each with the plateau before it
+    runs = []
+    for i in steep:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i - 1, i])
+    changes, prev = [], 0
+    for a, b in runs:
+        changes.append(dict(plateau_from=curve[prev]["step"], start=curve[a]["step"], end=curve[b]["step"],
+                            loss_plateau_from=curve[prev]["loss"], loss_start=curve[a]["loss"],
+                            loss_end=curve[b]["loss"],
+                            acc_start=curve[a]["acc"], acc_end=curve[b]["acc"]))
+        prev = b
+    return {"rule": f"consecutive checks each with a mean loss more than {drop:g} x the first check's "
+                    f"below the lowest of all earlier ones (our rule; the paper gives none)", "drop": drop,
+            "phase_changes": changes, "curve": curve}
+
+
+def print_figure5(r, path, log=print):
+    curve, changes = r["curve"], r["phase_changes"]
+    ends = {c[k] for c in changes for k in ("start", "end")}
+    every = max(1, round(len(curve) / 24))
+    shown = [row for i, row in enumerate(curve) if i % every == 0 or i == len(curve) - 1 or
+             any(c["start"] <= row["step"] <= c["end"] for c in changes)]
+    log(f"\nFigure 5: the loss curve of {path} ({'finished' if r['finished'] else 'unfinished'}, at "
+        f"step {r['target_step']}; {len(curve)} checks, {len(shown)} shown: every {every}, the last, "
+        f"all in a phase change; * where one starts or ends)")
+    log(f"  {'step':>7s} {'mean loss':>10s} {'held-out acc':>13s} {'m->s1':>6s}")
+    for row in shown:
+        log(f"  {row['step']:7d} {row['loss']:10.3e} {row['acc']:13.4f} {row['m_to_s1']:6.3f}"
+            + (" *" if row["step"] in ends else ""))
+    log(f"  phase changes: {len(changes) or 'none'} ({r['rule']})")
+    for c in changes:
+        log(f"    after steps {c['plateau_from']}-{c['start']} at mean loss {c['loss_plateau_from']:.3g} -> "
+            f"{c['loss_start']:.3g}: steps {c['start']}-{c['end']} fall {c['loss_start']:.3g} -> "
+            f"{c['loss_end']:.3g} (held-out acc {c['acc_start']:.4f} -> {c['acc_end']:.4f})")
+
+
+def save_figure5(r, path):
+    if not (plt := pyplot()):
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([row["step"] for row in r["curve"]], [row["loss"] for row in r["curve"]], ".-", markersize=3)
+    for i, c in enumerate(r["phase_changes"]):
+        ax.axvspan(c["start"], c["end"], color="orange", alpha=0.3,
+                   label="phase change (our rule)" if i == 0 else None)
+    ax.set(xlabel="step", ylabel="mean training loss per check", yscale="log")
+    if r["phase_changes"]:
+        ax.legend()
+    fig.tight_layout()
+    spd.atomic_write(path, fig.savefig)
+    plt.close(fig)
+    return True
+
+
+def read_curve(path):
+    """{target_path, target_step, finished, curve}: the loss curve train_target saved in a target
+    file, finished or not (a run in progress too)."""
+    if not os.path.exists(path):
+        raise spd.SPDError(f"--target_path={path} is not there: --figure5 reads the loss curve that "
+                           f"--train-target saves in it")
+    ckpt = read_target(path)[1]
+    if not ckpt.get("curve"):
+        raise spd.SPDError(f"{path} has no loss curve: it was trained before train_target recorded one "
+                           f"(or not by --train-target); make one with python induction.py --preset=paper "
+                           f"--train-target --target_path=NEW.pt")
+    return dict(target_path=path, target_step=ckpt["step"], finished="optimizer" not in ckpt,
+                curve=ckpt["curve"])
+
+
 RULES = {**spd.CONFIG_RULES,  # the allowed values of InductionConfig's own fields
          "threshold": (lambda v: 0 <= v < 1, "in [0, 1)"),
          "eval_batch": spd._at_least(1), "target_steps": spd._at_least(1),
@@ -904,11 +1020,11 @@ def parse_config(argv):
     return cfg, preset
 
 
-MODES = ("--table1", "--table2", "--bench", "--svd-baseline", "--train-target")
+MODES = ("--table1", "--table2", "--bench", "--svd-baseline", "--train-target", "--figure5")
 _TARGET = {"target_path", "seed", "device", "threads", *TABLE3}   # (a missing target is trained)
 MODE_KEYS = {"--bench": _TARGET | {"bench_against", "out_dir"},    # all each mode reads: any other
              "--table2": _TARGET | {"out_dir", "max_memory_gb", "ci_causal"},  # setting is refused
-             "--train-target": _TARGET | {"preset"}}
+             "--train-target": _TARGET | {"preset"}, "--figure5": {"target_path", "out_dir"}}
 
 
 def read_run(path, target, cfg, given):
@@ -939,11 +1055,12 @@ def check_same_run(saved, cfg, given, path):
                            f"or pass the --out_dir of the run you mean")
 
 
-OUTPUTS = ("spd.pt", "checkpoint.pt", "table1", "table2_", "bench_", "figure2")  # the names main writes
+OUTPUTS = ("spd.pt", "checkpoint.pt", "table1", "table2_", "bench_", "figure2", "figure5")  # the names main writes
 
 
 def main(argv):
-    """python induction.py [--table1 | --table2 | --bench | --svd-baseline | --train-target] [--preset=cpu|paper]
+    """python induction.py [--table1 | --table2 | --bench | --svd-baseline | --train-target | --figure5]
+    [--preset=cpu|paper]
     [--key=value ...]"""
     if "--help" in argv or "-h" in argv:
         return print(__doc__.strip())
@@ -1007,6 +1124,15 @@ def main(argv):
         raise spd.SPDError(f"--target_path={cfg.target_path} is where this run writes its decomposition "
                            f"or its measurements; pass another --target_path")
     spd.make_dir(cfg.out_dir, "--out_dir")
+    if "--figure5" in modes:                          # the curve --train-target saved: nothing trained
+        saved = read_curve(cfg.target_path)
+        r = {**saved, **figure5(saved["curve"])}
+        print_figure5(r, cfg.target_path)
+        name = kept("figure5")
+        spd.atomic_write(out(f"{name}.json"), r)
+        png = save_figure5(r, out(f"{name}.png"))
+        print(f"wrote {out(name + '.json')}" + (f" and {name}.png" if png else ""))
+        return r
     if "--train-target" in modes or not os.path.exists(cfg.target_path):  # checked before training
         spd.make_dir(os.path.dirname(cfg.target_path), "--target_path")
     t0 = time.time()

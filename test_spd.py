@@ -11,6 +11,7 @@ import pathlib
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 
@@ -1719,6 +1720,8 @@ def test_train_target_prints_the_mechanism_and_the_oracle(tmp_path, capsys):
     model = induction.read_target(str(tmp_path / "target.pt"))[0]
     assert got["oracle_kl"] == induction.oracle_kl(model) > 0 and 0 <= got["l0_m_to_s1"] <= 1
     assert f"oracle_kl {got['oracle_kl']:.4g}" in capsys.readouterr().out
+    r = induction.main(induction_argv(tmp_path, "--figure5"))      # (its curve, end to end)
+    assert [row["step"] for row in r["curve"]] == [20, 40] and r["target_step"] == 40
 
 
 def test_table2_and_bench_run(tmp_path, monkeypatch, capsys):
@@ -1739,15 +1742,17 @@ def test_table2_and_bench_run(tmp_path, monkeypatch, capsys):
     assert json.load(open(next(tmp_path.glob("bench_*.json"))))["ms_per_step"] == rows
 
 
-def test_figure2_png(tmp_path):
+def test_figure2_and_figure5_png(tmp_path):
     """Where matplotlib is installed (it is optional: skipped without it), a PNG is written, a KL
-    of 0 included, and its figure closed."""
+    of 0 included, and its figure closed; Figure 5's too."""
     pytest.importorskip("matplotlib")
     r = {"spd": [{"pieces": 18.2, "kl": 1.8e-4}, {"pieces": 15.3, "kl": 0.64}],
          "svd": [{"pieces": 22, "kl": 4.5e-7}, {"pieces": 20, "kl": 0.0}]}
     assert induction.save_figure2(r, str(tmp_path / "figure2.png"))
     import matplotlib.pyplot as plt
     assert (tmp_path / "figure2.png").stat().st_size > 1000 and not plt.get_fignums()   # (closed)
+    assert induction.save_figure5(induction.figure5(hand_curve()), str(tmp_path / "figure5.png"))
+    assert (tmp_path / "figure5.png").stat().st_size > 1000 and not plt.get_fignums()
 
 
 def test_induction_script_smoke(tmp_path, capsys):
@@ -2050,6 +2055,87 @@ def test_target_training_resumes_exactly(tmp_path):
     assert "optimizer" not in torch.load(path, weights_only=True)  # finished
 
 
+def test_target_curve_rows_are_interval_means_and_a_resume_continues_them(tmp_path, monkeypatch, ctrl_c_fails):
+    """Figure 5's curve: a row per check and at the last step, its loss the mean of the training
+    losses since the previous row (as cross_entropy returned them); Ctrl-C between checks and the
+    same call again record an unbroken run's rows exactly; a file from before the curve resumes
+    with a curve that starts there."""
+    import signal
+    losses, calls, at = [], [], []
+    cross_entropy, make_batch = F.cross_entropy, induction.make_batch
+
+    def ce(*a, **kw):                                    # (only the training loss uses it)
+        losses.append((loss := cross_entropy(*a, **kw)).item())
+        return loss
+
+    def batch(B, *a, **kw):
+        calls.extend([1] * (B == 8))                     # (training batches: the checks' are larger)
+        if B == 8 and len(calls) in at:
+            signal.raise_signal(signal.SIGINT)           # Ctrl-C during that step
+        return make_batch(B, *a, **kw)
+    monkeypatch.setattr(F, "cross_entropy", ce)
+    monkeypatch.setattr(induction, "make_batch", batch)
+    evaluate = induction.evaluate_target                 # (fewer held-out sequences: faster)
+    monkeypatch.setattr(induction, "evaluate_target", lambda model, n, seed: evaluate(model, 64, seed))
+    kw = dict(steps=25, batch_size=8, eval_every=10, target_acc=None, log=lambda *a: None)
+    curve_of = lambda path: induction.read_target(path)[1]["curve"]
+    induction.train_target(save_path=str(tmp_path / "whole.pt"), **kw)
+    whole = curve_of(str(tmp_path / "whole.pt"))
+    assert [r["step"] for r in whole] == [10, 20, 25] and len(losses) == 25
+    assert [r["loss"] for r in whole] == pytest.approx([statistics.fmean(losses[a:b]) for a, b in
+                                                       [(0, 10), (10, 20), (20, 25)]], rel=1e-12)
+    path = str(tmp_path / "t.pt")
+    calls[:], at[:] = [], [13]
+    with pytest.raises(spd.SPDError, match="interrupted after step 13"):
+        induction.train_target(save_path=path, **kw)
+    saved = induction.read_target(path)[1]
+    assert saved["curve"] == whole[:1] and saved["curve_since"][1] == 3
+    shutil.copy(path, tmp_path / "old.pt")
+    calls[:], at[:] = [], []
+    induction.train_target(save_path=path, **kw)
+    assert curve_of(path) == whole                                   # (==: exactly)
+    old = str(tmp_path / "old.pt")                                   # as saved before the curve
+    torch.save({k: v for k, v in torch.load(old, weights_only=True).items() if "curve" not in k}, old)
+    losses[:] = []
+    induction.train_target(save_path=old, **kw)
+    assert [r["step"] for r in curve_of(old)] == [20, 25] and curve_of(old)[1] == whole[2]
+    assert curve_of(old)[0]["loss"] == pytest.approx(statistics.fmean(losses[:7]), rel=1e-12)  # steps 14-20
+    calls[:], at[:] = [], [3]                  # Ctrl-C at step 3 when the accuracy is reached: it finishes
+    induction.train_target(save_path=str(tmp_path / "early.pt"), **{**kw, "target_acc": 0.0})
+    assert [r["step"] for r in curve_of(str(tmp_path / "early.pt"))] == [3]       # (its last row too)
+
+
+def hand_curve():
+    """100 checks 10 steps apart: a plateau, a fall in two steep checks, two slow, one steep, a
+    spike and its return (1.55 nats below the check before, 0.05 below the earlier low), a slow
+    tail that then falls 100x in one check, by 0.04 nats (steep only on a log axis)."""
+    losses = [4.8] * 40 + [4.75, 3.0, 1.0, 0.95, 0.9, 0.5, 2.0] + [0.45 - 0.05 * i for i in range(9)] + [0.04] + [4e-4] * 43
+    return [dict(step=10 * (i + 1), loss=l, acc=0.5, m_to_s1=0.25) for i, l in enumerate(losses)]
+
+
+def test_figure5_phase_changes_table_json_and_an_earlier_json_kept(tmp_path, monkeypatch, capsys):
+    """--figure5 reads the curve saved in the target (it trains nothing): our rule's phase changes
+    on a hand-made curve, ~25 evenly spaced rows plus the last and the phase changes' (ends marked),
+    figure5.json; a second call keeps the first's figure5.json and writes another."""
+    monkeypatch.setattr(induction, "train_target", None)             # (a call would fail)
+    induction.save_target(induction.InductionTransformer(), str(tmp_path / "target.pt"), step=1000,
+                          curve=hand_curve())
+    r = induction.main(induction_argv(tmp_path, "--figure5"))
+    assert [(c["plateau_from"], c["start"], c["end"], c["loss_start"], c["loss_end"]) for c in r["phase_changes"]] \
+        == [(10, 410, 430, 4.75, 1.0), (430, 450, 460, 0.9, 0.5)]
+    out = capsys.readouterr().out
+    rows = re.findall(r"^ +(\d+) +\S+e[+-]\d+ +0.5000 +0.250( \*)?$", out, re.M)
+    assert "(finished, at step 1000; 100 checks, 29 shown" in out and len(rows) == 29 and rows[-1] == ("1000", "")
+    assert [step for step, _ in rows if 400 < int(step) < 470] == ["410", "420", "430", "450", "460"]
+    assert [step for step, star in rows if star] == ["410", "430", "450", "460"]
+    assert "steps 410-430 fall 4.75 -> 1 " in out and "steps 450-460 fall 0.9 -> 0.5 " in out
+    first = (tmp_path / "figure5.json").read_bytes()
+    assert json.loads(first) == r and r["target_step"] == 1000 and r["finished"]
+    induction.main(induction_argv(tmp_path, "--figure5"))
+    assert (tmp_path / "figure5.json").read_bytes() == first and len(list(tmp_path.glob("figure5_*.json"))) == 1
+    assert "figure5.json is kept (an earlier measurement)" in capsys.readouterr().out
+
+
 def test_induction_data_and_positions():
     """The official conventions: [BOS] T.. s m T.. s, s1 in [2, S-3], sinusoidal positions."""
     tokens, s1 = induction.make_batch(4096, 64, 128, torch.Generator().manual_seed(0))
@@ -2331,6 +2417,9 @@ BAD_INDUCTION = {  # case -> (extra argv, expected message, file to break first)
     "half_target_other_recipe": (["--train-target", "--target_path={d}/half.pt", "--target_lr=0.05"], r"half.pt is a target half-trained with --target_lr=0.01, not 0.05", "half.pt:unfinished"),
     "target_path_folder": (["--target_path={d}/newtarget/"], r"--target_path=.*newtarget/ is out of range: it must be a file's path, not a folder", None),
     "finished_target": (["--train-target", "--target_path={d}/target.pt"], r"target.pt holds a finished target; pass another --target_path", None),
+    "figure5_no_curve": (["--figure5"], r"target.pt has no loss curve: it was trained before train_target recorded one .*; make one with python induction.py --preset=paper --train-target", None),
+    "figure5_no_target": (["--figure5", "--target_path={d}/none.pt"], r"none.pt is not there: --figure5 reads the loss curve that --train-target saves in it", None),
+    "figure5_training_flag": (["--figure5", "--seed=3"], r"--seed does nothing with --figure5; it takes --out_dir, --target_path", None),
     "half_target_no_steps_left": (["--train-target", "--target_path={d}/half.pt", "--target_steps=3"], r"half.pt is at step 5 already: pass a --target_steps above it", "half.pt:unfinished"),
 }
 

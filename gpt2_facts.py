@@ -53,6 +53,7 @@ import os
 import re
 import socket
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -1181,8 +1182,12 @@ def main(argv=None):
     """Entry point: `python gpt2_facts.py [--key=value ...]`; input errors and missing weights
     print one line `error: ...` and exit with status 2."""
     argv = sys.argv[1:] if argv is None else argv
-    if "--help" in argv or "-h" in argv:
-        return print(__doc__.strip())
+    if "--help" in argv or "-h" in argv:                # (the settings: as the default preset has them)
+        cfg = parse_config([])
+        return print(__doc__.strip() + "\n\nSettings, --key=value (here the paper preset's values):\n"
+                     + textwrap.fill("  ".join(f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()),
+                                     100, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False,
+                                     break_long_words=False))
     try:
         return run(parse_config(argv))
     except (spd.SPDError, WeightsUnavailableError) as e:

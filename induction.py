@@ -45,6 +45,7 @@ import math
 import os
 import statistics
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -309,8 +310,11 @@ def train_target(steps=3000, batch_size=256, lr=1e-2, weight_decay=0.01, warmup=
                     raise spd.SPDError(f"interrupted after step {step}; " + (
                         f"saved {save_path}: the same command continues it" if save_path else
                         "nothing saved: run again to start again"))
-        if target_acc is not None and acc < target_acc:
-            log(f"warning: held-out accuracy {acc:.4f} < {target_acc} after {steps} steps")
+        if target_acc is not None and acc < target_acc:      # (not a target: nothing marked finished)
+            raise spd.SPDError(f"the target reached held-out accuracy {acc:.4f} < --target_stop_acc="
+                               f"{target_acc} in {steps} steps; " + (
+                                   f"{save_path} is kept unfinished: continue it with a higher "
+                                   f"--target_steps" if save_path else "nothing saved: raise --target_steps"))
         if save_path:                         # finished: no optimizer state (an early stop between
             save_target(model, save_path, step=step, curve=curve + [row] * (n > 0),   # rows: its row too)
                         recipe=dict(steps=steps, target_acc=target_acc, device=str(device), **recipe))
@@ -362,14 +366,19 @@ def mechanism_check(model, n=1024, seed=EVAL_SEED + 2):
     return out
 
 
-def load_or_train_target(path="induction_target.pt", log=print, **train_kwargs):
+TARGET_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "induction_target.pt")
+
+
+def load_or_train_target(path=TARGET_PATH, log=print, **train_kwargs):
     """Load the cached target from path, or train it (train_target kwargs) and save it."""
     if os.path.exists(path):
         model, ckpt = read_target(path)
         if "optimizer" in ckpt:
             raise spd.SPDError(f"{path} is an unfinished target (step {ckpt['step']}): finish it with "
                                f"--train-target and its recipe, or pass another --target_path")
-        log(f"loaded target from {path}")
+        r = ckpt.get("recipe", {})
+        log(f"loaded target from {path} (" + (f"{r['steps']} steps of batch {r['batch_size']}, lr {r['lr']}, "
+                                             f"seed {r['seed']}" if "steps" in r else "no recipe recorded") + ")")
     else:
         log(f"training target ({path} not found)")
         model = train_target(log=log, **train_kwargs).cpu()
@@ -377,7 +386,8 @@ def load_or_train_target(path="induction_target.pt", log=print, **train_kwargs):
             raise spd.SPDError(f"{path} was saved by another run while this one trained its target; "
                                f"it is kept and this run stops: run again to use it, or give each run "
                                f"its own --target_path")
-        save_target(model, path)
+        save_target(model, path, recipe={k: v for k, v in train_kwargs.items() if k in (
+            "steps", "batch_size", "lr", "weight_decay", "warmup", "seed", "target_acc")})
         log(f"saved target to {path}")
     log(f"target held-out final-token accuracy: {evaluate_target(model):.4f}")
     return model
@@ -412,7 +422,7 @@ class InductionConfig(spd.Config):
     target_warmup: int = 100
     target_stop_acc: float = 0.995     # ... stopping at this held-out accuracy (> 1: never)
     target_eval_every: int = 100       # steps between the target's held-out checks
-    target_path: str = "induction_target.pt"  # committed: Table 3's recipe, 100k steps on a GPU
+    target_path: str = TARGET_PATH     # committed: Table 3's recipe, 100k steps on a GPU
     out_dir: str = "runs/induction"
     threads: int = 0                   # torch CPU threads (0: torch's default, one per core)
     max_memory_gb: float = 16.0        # Table 2: skip a variant whose step would need more memory
@@ -733,6 +743,9 @@ def print_figure2(r, log=print):
     if best and svd:
         log(f"  at KL <= 0.01: SPD uses {best['pieces']:.1f} active pieces per example, SVD keeps "
             f"{svd['pieces']}: SPD is {'more' if best['pieces'] < svd['pieces'] else 'not more'} minimal")
+    else:
+        never = [n for n, p in (("SPD", best), ("SVD", svd)) if not p]
+        log(f"  at KL <= 0.01: no verdict, {' and '.join(never)} never reach{'es' * (len(never) == 1)} it")
 
 
 def pyplot():
@@ -1062,8 +1075,12 @@ def main(argv):
     """python induction.py [--table1 | --table2 | --bench | --svd-baseline | --train-target | --figure5]
     [--preset=cpu|paper]
     [--key=value ...]"""
-    if "--help" in argv or "-h" in argv:
-        return print(__doc__.strip())
+    if "--help" in argv or "-h" in argv:                # (the settings: as the default preset has them)
+        cfg = parse_config([])[0]
+        return print(__doc__.strip() + "\n\nSettings, --key=value (here the cpu preset's values):\n"
+                     + textwrap.fill("  ".join(f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()),
+                                     100, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False,
+                                     break_long_words=False))
     modes = [a for a in argv if a in MODES]
     valued = next((a for a in argv if a.split("=", 1)[0] in MODES and "=" in a), None)
     if valued:
@@ -1111,7 +1128,7 @@ def main(argv):
         raise spd.SPDError(f"{modes[0]} reads {out('spd.pt')}, which is not there: " + (
             "finish its run with --resume=true and the run's settings" if os.path.exists(out("checkpoint.pt"))
             else "it holds table1.json only: run the decomposition again in another --out_dir" if done else
-            "run the decomposition with the same settings (without the mode) first"))
+            "pass the --out_dir of your run, or run the decomposition (without the mode) first"))
     if cfg.resume and not modes and not os.path.exists(out("checkpoint.pt")):
         raise spd.SPDError(f"no checkpoint to resume at {out('checkpoint.pt')}; run without "
                            f"--resume=true")
@@ -1123,7 +1140,8 @@ def main(argv):
     if same_dir and os.path.basename(cfg.target_path).startswith(OUTPUTS):
         raise spd.SPDError(f"--target_path={cfg.target_path} is where this run writes its decomposition "
                            f"or its measurements; pass another --target_path")
-    spd.make_dir(cfg.out_dir, "--out_dir")
+    if "--train-target" not in modes:                 # (it writes --target_path only)
+        spd.make_dir(cfg.out_dir, "--out_dir")
     if "--figure5" in modes:                          # the curve --train-target saved: nothing trained
         saved = read_curve(cfg.target_path)
         r = {**saved, **figure5(saved["curve"])}
@@ -1156,6 +1174,7 @@ def main(argv):
         print_table2(rows, lengths, name)
         spd.atomic_write(out(f"table2_{stamp}.json"),  # never over an earlier one
                          {"device": name, "lengths": lengths, "it_per_s": rows, "paper": PAPER_TABLE2})
+        print(f"wrote {out(f'table2_{stamp}.json')}")
         return rows
     if "--bench" in modes:
         print(f"SPD step at the anchor config on {device} ({torch.get_num_threads()} threads):")
@@ -1163,6 +1182,7 @@ def main(argv):
         spd.atomic_write(out(f"bench_{stamp}.json"),
                          {"device": str(device), "threads": torch.get_num_threads(),
                           "ms_per_step": rows})
+        print(f"wrote {out(f'bench_{stamp}.json')}")
         return rows
     if "--table1" in modes:                           # Table 1 again for the saved decomposition,
         s, saved = read_run(out("spd.pt"), target, cfg, given)   # e.g. on more sequences (--eval_batch)
@@ -1170,7 +1190,9 @@ def main(argv):
         r = table1(s.to(device), target, cfg)
         print_table1(r)
         other = "" if cfg.threshold == InductionConfig.threshold else f"_threshold_{cfg.threshold}"
-        spd.atomic_write(out(kept(f"table1_{cfg.eval_batch}_sequences{other}") + ".json"), r)
+        name = kept(f"table1_{cfg.eval_batch}_sequences{other}")
+        spd.atomic_write(out(name + ".json"), r)
+        print(f"wrote {out(name + '.json')}")
         return r
     if "--svd-baseline" in modes:
         s, saved = read_run(out("spd.pt"), target, cfg, given)
@@ -1179,8 +1201,8 @@ def main(argv):
         name = kept("figure2" + ("" if cfg.eval_batch == InductionConfig.eval_batch else
                                  f"_{cfg.eval_batch}_sequences"))
         spd.atomic_write(out(f"{name}.json"), r)
-        if save_figure2(r, out(f"{name}.png")):
-            print(f"saved {out(name + '.png')}")
+        png = save_figure2(r, out(f"{name}.png"))
+        print(f"wrote {out(name + '.json')}" + (f" and {name}.png" if png else ""))
         return r
     # 2) decompose it (Algorithm 3 for cfg.steps steps), holding the folder's lock until its files
     # are written, so that a second run into it stops (it checks for a finished run once more)
@@ -1221,7 +1243,7 @@ def cli(argv):
     try:
         main(argv)
     except spd.SPDError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {spd.resume_command(e, 'induction.py', argv)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:                          # outside training (which saves first)
         print("error: interrupted", file=sys.stderr)

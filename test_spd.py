@@ -1706,7 +1706,7 @@ def induction_argv(tmp_path, *extra):
     """Small settings, and extra (which replaces a setting it repeats: a flag given twice is refused);
     with --bench, --table2 or --train-target only the settings the mode reads (it refuses the others)."""
     argv = ["--steps=6", "--batch_size=8", "--eval_batch=32", "--C=8", "--d_gate=4",
-            "--target_steps=40", "--target_batch_size=32", "--faithfulness_warmup_steps=5",
+            "--target_steps=40", "--target_batch_size=32", "--target_stop_acc=2", "--faithfulness_warmup_steps=5",
             "--threads=1", "--log_every=3", "--device=cpu", f"--target_path={tmp_path}/target.pt",
             f"--out_dir={tmp_path}"]
     takes = next((induction.MODE_KEYS[e] for e in extra if e in induction.MODE_KEYS), None)
@@ -1874,7 +1874,7 @@ def test_induction_bad_input(tmp_path):
         induction.main(induction_argv(tmp_path, "--preset=huge"))
     with pytest.raises(spd.SPDError, match="^--table1 is a mode: pass it without =true$"):
         induction.main(induction_argv(tmp_path, "--table1=true"))
-    with pytest.raises(spd.SPDError, match=r"--svd-baseline reads .*none/spd.pt, which is not there: run the decomposition"):
+    with pytest.raises(spd.SPDError, match=r"--svd-baseline reads .*none/spd.pt, which is not there: pass the --out_dir of your run, or run the decomposition"):
         induction.main(induction_argv(tmp_path, "--svd-baseline", f"--out_dir={tmp_path}/none",
                                       "--target_steps=1"))
     with pytest.raises(spd.SPDError, match=r"--target_path=.*/spd.pt is where this run writes its decomposition"):
@@ -1957,6 +1957,23 @@ def test_a_diverged_target_is_not_saved(tmp_path):
     with spd._locked(str(tmp_path / "u.pt")):                # (read under the lock, not before it)
         with pytest.raises(spd.SPDError, match="another run is using .*u.pt: wait for it, or pass another --target_path"):
             induction.train_target(steps=2, batch_size=4, save_path=str(tmp_path / "u.pt"), log=lambda *a: None)
+
+
+def test_a_target_below_its_stop_accuracy_is_not_finished(tmp_path, capsys):
+    """A target that ends below --target_stop_acc is one line and is never marked finished: with a
+    path, its last check stays there unfinished (a higher --target_steps continues it); without
+    one (the stand-in of a run with no target file), nothing is saved and the run stops."""
+    path = str(tmp_path / "t.pt")
+    with pytest.raises(spd.SPDError, match=r"held-out accuracy 0\.\d+ < --target_stop_acc=0.995 in 4 steps; "
+                                           r".*t.pt is kept unfinished: continue it with a higher --target_steps"):
+        induction.train_target(steps=4, batch_size=8, eval_every=2, save_path=path, log=lambda *a: None)
+    assert induction.read_target(path)[1]["step"] == 4 and "optimizer" in induction.read_target(path)[1]
+    argv = induction_argv(tmp_path, "--target_stop_acc=0.995", "--target_steps=4",
+                          f"--target_path={tmp_path}/none.pt", f"--out_dir={tmp_path}/run")
+    assert induction.cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("in 4 steps; nothing saved: raise --target_steps"), err
+    assert not os.path.exists(tmp_path / "none.pt") and not os.path.exists(tmp_path / "run" / "spd.pt")
 
 
 def test_atomic_write_failure_keeps_the_earlier_file(tmp_path):
@@ -2525,11 +2542,31 @@ def test_decomposition_is_saved_before_table1(tmp_path, monkeypatch, capsys):
     assert set(r["active"]) == set(induction.MATRICES)
 
 
+def test_figure2_always_gives_its_verdict():
+    """The last line of Figure 2 compares SPD and SVD at KL <= 0.01, or says which never gets there."""
+    spd_row = lambda kl, pieces: dict(threshold=0.1, pieces=pieces, kl=kl, pieces_per_position=1.0)
+    r = dict(eval_sequences=8, full_rank=96, svd=[dict(tau=0.01, pieces=22, kl=0.009)],
+             spd=[spd_row(0.5, 3.0), spd_row(0.008, 17.8)])
+    lines = []
+    induction.print_figure2(r, log=lines.append)
+    assert lines[-1] == "  at KL <= 0.01: SPD uses 17.8 active pieces per example, SVD keeps 22: SPD is more minimal"
+    r["spd"] = r["spd"][:1]
+    induction.print_figure2(r, log=lines.append)
+    assert lines[-1] == "  at KL <= 0.01: no verdict, SPD never reaches it"
+    r["svd"][0]["kl"] = 0.2
+    induction.print_figure2(r, log=lines.append)
+    assert lines[-1] == "  at KL <= 0.01: no verdict, SPD and SVD never reach it"
+
+
 def test_scripts_print_help(capsys):
-    induction.main(["--help"])
-    gpt2_facts.main(["-h"])
-    out = capsys.readouterr().out
-    assert "python induction.py --svd-baseline" in out and "python gpt2_facts.py --model=tiny" in out
+    """--help: the docstring, then every setting with the default preset's value."""
+    for script, argv, config, example, value in [
+            (induction, ["--help"], induction.InductionConfig, "python induction.py --svd-baseline", "--steps=10000"),
+            (gpt2_facts, ["-h"], gpt2_facts.FactsConfig, "python gpt2_facts.py --model=tiny", "--trace_window=10")]:
+        script.main(argv)
+        doc, settings = capsys.readouterr().out.split("Settings, --key=value")
+        assert example in doc and value in settings
+        assert re.findall(r"--(\w+)=", settings) == [f.name for f in dataclasses.fields(config)]
 
 
 def test_facts_refuses_a_finished_run_and_reads_auto(tmp_path, capsys):
@@ -2664,6 +2701,8 @@ def test_ctrl_c_then_resume(tmp_path, capsys):
             break
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and err.strip().startswith("error: interrupted after step"), err
+    said = re.search(r"continue with: python induction.py (.*)$", err.strip())     # the command to type
+    assert said and shlex.split(said[1]) == argv + ["--resume=true"], err
     assert "Traceback" not in err and (tmp_path / "checkpoint.pt").exists()
     n = int(re.search(r"interrupted after step (\d+)", err).group(1))
     capsys.readouterr()

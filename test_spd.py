@@ -2427,7 +2427,7 @@ BAD_INDUCTION = {  # case -> (extra argv, expected message, file to break first)
     "resume_nothing_no_target": (["--resume=true", "--out_dir={d}/empty", "--target_path={d}/none.pt"], r"no checkpoint to resume at .*empty/checkpoint.pt", None),
     "resume_missing_target": (["--resume=true", "--out_dir={d}/ck", "--target_path={d}/none.pt"], r"none.pt is not there: a saved run needs the target it was made with", "ck/checkpoint.pt:copy"),
     "bare_key": (["--steps"], r"--steps needs a value: --steps=\.\.\.", None),
-    "table1_no_spd": (["--table1", "--out_dir={d}/empty"], r"--table1 reads .*empty/spd.pt, which is not there: run the decomposition with the same settings", None),
+    "table1_no_spd": (["--table1", "--out_dir={d}/empty"], r"--table1 reads .*empty/spd.pt, which is not there: pass the --out_dir of your run, or run the decomposition \(without the mode\) first", None),
     "finished_table1_only": (["--out_dir={d}/t1only"], r"t1only holds a finished run \(table1.json\)", "t1only/table1.json:table1"),
     "table1_of_a_table_only": (["--table1", "--out_dir={d}/t1only"], r"t1only/spd.pt, which is not there: it holds table1.json only: run the decomposition again", "t1only/table1.json:table1"),
     "unfinished_target": (["--target_path={d}/half.pt", "--out_dir={d}/new"], r"half.pt is an unfinished target \(step 5\): finish it with --train-target", "half.pt:unfinished"),

@@ -268,6 +268,9 @@ def train_target(steps=3000, batch_size=256, lr=1e-2, weight_decay=0.01, warmup=
             log(f"continuing {save_path} from step {first}")
         t0, stop = time.time(), []
         total, n = torch.tensor(since[0], dtype=torch.float64, device=device), since[1]  # this row's losses
+        unfinished = lambda: save_path and save_target(
+            model, save_path, step=step, optimizer=opt.state_dict(), generator=gen.get_state(),
+            recipe=recipe, curve=curve, curve_since=(total.item(), n))
         with spd._on_interrupt(lambda: stop.append(True)):    # Ctrl-C: save this step, then stop
             for step in range(first, steps + 1):
                 # 1) lr: linear warmup, then constant
@@ -300,17 +303,17 @@ def train_target(steps=3000, batch_size=256, lr=1e-2, weight_decay=0.01, warmup=
                                                f"{save_path} is kept as it was" if save_path and
                                                os.path.exists(save_path) else "nothing saved") +
                                            "; try a lower --target_lr")
-                    if save_path:
-                        save_target(model, save_path, step=step, optimizer=opt.state_dict(),
-                                    generator=gen.get_state(), recipe=recipe, curve=curve,
-                                    curve_since=(total.item(), n))
-                    if target_acc is not None and acc >= target_acc:
+                    reached = target_acc is not None and acc >= target_acc
+                    if step < steps and not reached:   # (the end's file is written below, at once: a
+                        unfinished()                   # Ctrl-C before it leaves this check's, to resume)
+                    if reached:
                         break
                 if stop and step < steps:                         # (at the last step: finish)
                     raise spd.SPDError(f"interrupted after step {step}; " + (
                         f"saved {save_path}: the same command continues it" if save_path else
                         "nothing saved: run again to start again"))
         if target_acc is not None and acc < target_acc:      # (not a target: nothing marked finished)
+            unfinished()
             raise spd.SPDError(f"the target reached held-out accuracy {acc:.4f} < --target_stop_acc="
                                f"{target_acc} in {steps} steps; " + (
                                    f"{save_path} is kept unfinished: continue it with a higher "

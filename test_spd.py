@@ -1959,6 +1959,30 @@ def test_a_diverged_target_is_not_saved(tmp_path):
             induction.train_target(steps=2, batch_size=4, save_path=str(tmp_path / "u.pt"), log=lambda *a: None)
 
 
+def test_a_target_stopped_before_its_finished_file_continues(tmp_path, monkeypatch):
+    """Ctrl-C after the last step but before the finished file is written (no later check saves
+    the last step with its optimizer): the same command continues from the last check and ends
+    with the weights and curve of an unbroken run, finished, not "at step N already"."""
+    kw = dict(steps=7, batch_size=8, eval_every=3, target_acc=None, log=lambda *a: None)
+    whole = induction.train_target(save_path=str(tmp_path / "whole.pt"), **kw)
+    path, save = str(tmp_path / "t.pt"), induction.save_target
+
+    def ctrl_c_at_the_end(model, p, **extra):
+        if "optimizer" not in extra:
+            raise KeyboardInterrupt
+        save(model, p, **extra)
+    monkeypatch.setattr(induction, "save_target", ctrl_c_at_the_end)
+    with pytest.raises(KeyboardInterrupt):
+        induction.train_target(save_path=path, **kw)
+    assert induction.read_target(path)[1]["step"] == 6                  # the last check's file
+    monkeypatch.undo()
+    again = induction.train_target(save_path=path, **kw)
+    saved = induction.read_target(path)[1]
+    assert saved["step"] == 7 and "optimizer" not in saved
+    assert saved["curve"] == induction.read_target(str(tmp_path / "whole.pt"))[1]["curve"]
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), again.state_dict().values()))
+
+
 def test_a_target_below_its_stop_accuracy_is_not_finished(tmp_path, capsys):
     """A target that ends below --target_stop_acc is one line and is never marked finished: with a
     path, its last check stays there unfinished (a higher --target_steps continues it); without

@@ -495,9 +495,10 @@ def sample_masks(g):
 # 5. Losses
 
 def kl_divergence(logits, target_logits, weight=None, keep=0):
-    """D_KL(target || pred) = Σ_v p_target (log p_target - log p_pred), as SPD's code (Eq. 2, 3, 5, 6 list
-    the arguments the other way; README), summed over the vocabulary, then averaged (or `weight`ed)
-    over the rest but the first `keep` dimensions (K mask sets: target_logits broadcasts over them)."""
+    """D_KL(target || pred) = Σ_v p_target (log p_target - log p_pred), as SPD's code (Eq. 2, 3, 5
+    and 6 list the arguments the other way; README), summed over the vocabulary, then averaged (or
+    `weight`ed) over the rest but the first `keep` dimensions (K mask sets: target_logits broadcasts
+    over them)."""
     kl = F.kl_div(logits.log_softmax(-1), target_logits.log_softmax(-1), log_target=True,
                   reduction="none").sum(-1)
     return _average(kl, weight, keep)
@@ -1106,9 +1107,9 @@ def _on_interrupt(handler):
 def resume_command(error, script, argv):
     """An error's text, with train's "continue with --resume=true" spelled out as the whole
     command to type (the run's own settings, which a resume must repeat)."""
-    args = " ".join(shlex.quote(a) for a in argv if not a.startswith("--resume="))
-    return str(error).replace("continue with --resume=true",
-                              f"continue with: python {script} {args} --resume=true".replace("  ", " "))
+    command = ["python", script, *(shlex.quote(a) for a in argv if not a.startswith("--resume=")),
+               "--resume=true"]
+    return str(error).replace("continue with --resume=true", "continue with: " + " ".join(command))
 
 
 def keep_freed_memory():

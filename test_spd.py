@@ -2517,9 +2517,9 @@ def test_resume_command_spells_out_the_command():
     """After Ctrl-C the error names the whole command that continues the run: the run's own
     settings (quoted for a shell), one --resume=true, nothing else changed."""
     e = spd.SPDError("interrupted after step 3; saved d/checkpoint.pt: continue with --resume=true")
-    said = spd.resume_command(e, "induction.py", ["--steps=5", "--out_dir=a b", "--resume=true"])
+    said = spd.resume_command(e, "induction.py", ["--steps=5", "--out_dir=a  b", "--resume=true"])
     assert said == ("interrupted after step 3; saved d/checkpoint.pt: continue with: python induction.py "
-                    "--steps=5 '--out_dir=a b' --resume=true")
+                    "--steps=5 '--out_dir=a  b' --resume=true")
     assert spd.resume_command(e, "induction.py", []).endswith("continue with: python induction.py --resume=true")
     assert spd.resume_command(spd.SPDError("no such file"), "induction.py", ["--C=4"]) == "no such file"
 

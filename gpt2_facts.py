@@ -816,7 +816,7 @@ def _run(cfg):
           f"C {cfg.C} each = {cfg.C * len(s.layers):,} subcomponents, {cfg.ci} CI with "
           f"D_gate {cfg.d_gate}, {n_train:,} trainable parameters")
     print(f"{cfg.steps} steps, batch {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr}, "
-          f"expected ~{step_s * cfg.steps / 60:.1f} min ({1 / step_s:.3g} steps/s measured)")
+          f"expected ~{step_s * cfg.steps / 60:.1f} min ({1 / step_s:.4g} steps/s measured)")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -828,7 +828,7 @@ def _run(cfg):
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     last = history[-1]
     terms = [k for k in last if k not in ("step", "total", "L0", "it/s")]
-    print(f"\ndecomposition done: {train_s:.0f} s, {cfg.steps / train_s:.3g} steps/s"
+    print(f"\ndecomposition done: {train_s:.0f} s, {cfg.steps / train_s:.4g} steps/s"
           + (f", peak GPU memory {peak:.1f} GiB" if peak is not None else ""))
     print("final losses: " + ", ".join(f"{k} {last[k]:.2e}" for k in terms))
     res["training"] = {"steps": cfg.steps, "seconds": train_s, "steps_per_s": cfg.steps / train_s,
@@ -1162,6 +1162,7 @@ def save_figures(res, out_dir):
         fig, axes = plt.subplots(1, 3, figsize=(13, 0.35 * len(r["tokens"]) + 1.5))
         for ax, kind in zip(axes, ("hidden", "mlp", "attn")):
             im = ax.imshow(r[kind], cmap="Purples", vmin=0, aspect="auto")
+            ax.set_xticks(range(len(r[kind][0])))
             ax.set_yticks(range(len(r["tokens"])), r["tokens"])
             ax.set_xlabel("layer")
             ax.set_title(f"{kind} restored")
@@ -1191,7 +1192,8 @@ def main(argv=None):
     try:
         return run(parse_config(argv))
     except (spd.SPDError, WeightsUnavailableError) as e:
-        print(f"error: {spd.resume_command(e, 'gpt2_facts.py', argv)}", file=sys.stderr)
+        script = sys.argv[0] if os.path.basename(sys.argv[0]) == "gpt2_facts.py" else "gpt2_facts.py"
+        print(f"error: {spd.resume_command(e, script, argv)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:                           # outside training (which saves first)
         print("error: interrupted", file=sys.stderr)

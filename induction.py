@@ -1246,7 +1246,8 @@ def cli(argv):
     try:
         main(argv)
     except spd.SPDError as e:
-        print(f"error: {spd.resume_command(e, 'induction.py', argv)}", file=sys.stderr)
+        script = sys.argv[0] if os.path.basename(sys.argv[0]) == "induction.py" else "induction.py"
+        print(f"error: {spd.resume_command(e, script, argv)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:                          # outside training (which saves first)
         print("error: interrupted", file=sys.stderr)

@@ -776,7 +776,7 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
                 history.append(row)
                 l0 = " ".join(f"{v:.1f}" for v in row["L0"].values())
                 log(f"step {step:6d} | " + " ".join(f"{k} {row[k]:.2e}" for k in ["total", *terms])
-                    + f" | L0 {l0} | {row['it/s']:.3g} it/s")
+                    + f" | L0 {l0} | {row['it/s']:.4g} it/s")
             if stop:
                 save_now(step + 1)
                 raise SPDError(f"interrupted after step {step}" + (

@@ -1487,7 +1487,7 @@ def test_causal_trace_matches_gpt2_written_out():
     p_clean, p_corrupted = P(torch.zeros(1, n, 32, dtype=torch.float64), keep), P(eps, lambda j, part, t: t)
     assert p_clean == pytest.approx(gpt2_facts.final_word_probs(model, tok, gpt2_facts.ATHLETE_FACTS[:1]).item(), rel=1e-12)
     assert abs(p_corrupted - p_clean) > 0.5 * p_clean                        # the noise matters here
-    for kind, window in [("hidden", 1), ("mlp", 1), ("mlp", 2), ("attn", 3), ("attn", 10)]:
+    for kind, window in [("hidden", 1), ("hidden", 3), ("mlp", 1), ("mlp", 2), ("attn", 3), ("attn", 10)]:
         got_clean, got_corrupted, grid = gpt2_facts.causal_trace(model, prompt, target, eps, kind, window)
         assert (got_clean, got_corrupted) == (pytest.approx(p_clean, rel=1e-12), pytest.approx(p_corrupted, rel=1e-12))
         assert grid.shape == (S, L)
@@ -1505,6 +1505,43 @@ def test_causal_trace_matches_gpt2_written_out():
         if kind == "hidden":          # the last block's output reaches the final logits at its token only
             assert grid[-1, -1] == pytest.approx(p_clean, rel=1e-12)
             assert grid[:-1, -1].tolist() == pytest.approx([p_corrupted] * (S - 1), rel=1e-12)
+
+
+def test_report_causal_trace_passes_its_settings_and_reads_half_at_the_name(monkeypatch, capsys):
+    """report_causal_trace's wiring, with causal_trace replaced by a fake that records its
+    arguments: the noise is trace_noise x the std of the facts' token embeddings, drawn from a
+    generator seeded with --seed, on the name's tokens only; the window is --trace_window; each
+    kind's grid lands under its own name; "half" reads the MLP row of the name's last token."""
+    tok = gpt2_facts.SubwordTokenizer()
+    config = GPT2Config(vocab_size=len(tok), n_layer=4, n_embd=16, n_head=2, n_positions=32,
+                        bos_token_id=None, eos_token_id=None, **gpt2_facts.NO_DROPOUT)
+    model = GPT2LMHeadModel(config).eval()
+    cfg = gpt2_facts.parse_config(["--model=tiny", "--trace_window=3", "--trace_noise=2.5", "--seed=4"])
+    calls = []
+
+    def fake(model, prompt, target, eps, kind, window=10):
+        calls.append((prompt, target, eps.clone(), kind, window))
+        grid = torch.full((len(prompt), 4), {"hidden": 0.3, "mlp": 0.1, "attn": 0.2}[kind])
+        if kind == "mlp":
+            grid[3] = torch.tensor([0.2, 0.7, 0.4, 0.9])        # the name's last piece ("ant", "ods")
+            grid[-1] = torch.tensor([0.9, 0.2, 0.9, 0.2])       # the final token: not read
+        return 0.9, 0.1, grid
+    monkeypatch.setattr(gpt2_facts, "causal_trace", fake)
+    out = gpt2_facts.report_causal_trace(model, tok, cfg)
+    ids = sorted({i for f in gpt2_facts.ATHLETE_FACTS + gpt2_facts.FACTS for i in tok.encode(f)})
+    sigma = model.transformer.wte.weight[ids].std().item()
+    gen = torch.Generator().manual_seed(4)
+    assert out["noise_std"] == pytest.approx(2.5 * sigma) and (out["samples"], out["window"]) == (10, 3)
+    for b, (first, last) in enumerate(gpt2_facts.ATHLETES):
+        eps = 2.5 * sigma * torch.randn(10, 4, 16, generator=gen)              # the name: 4 pieces
+        mine = calls[3 * b: 3 * b + 3]
+        assert [c[3] for c in mine] == ["hidden", "mlp", "attn"] and {c[4] for c in mine} == {3}
+        assert all(c[:2] == gpt2_facts.split_prompt(tok, gpt2_facts.ATHLETE_FACTS[b]) for c in mine)
+        assert all(torch.allclose(c[2], eps) for c in mine)                    # one draw for all kinds
+        r = out[f"{first} {last}"]
+        assert (r["clean"], r["corrupted"]) == (0.9, 0.1) and r["attn"][0][0] == pytest.approx(0.2)
+        assert r["hidden"][0][0] == pytest.approx(0.3) and r["half"] == [1, 3]   # >= 0.1 + 0.8 / 2
+    assert "brings back half at layers [1, 3]" in capsys.readouterr().out
 
 
 def test_tiny_tokenizer_splits_names_into_shared_pieces():
@@ -1714,14 +1751,23 @@ def induction_argv(tmp_path, *extra):
     return [a for a in argv if (takes is None or key(a) in takes) and key(a) not in map(key, extra)] + list(extra)
 
 
-def test_train_target_prints_the_mechanism_and_the_oracle(tmp_path, capsys):
-    """--train-target ends with what decides whether a target suits Table 1: Sec. 6.1 and the oracle."""
+def test_train_target_prints_the_mechanism_and_the_oracle(tmp_path, capsys, monkeypatch):
+    """--train-target ends with what decides whether a target suits Table 1: Sec. 6.1 and the oracle;
+    it makes no --out_dir (it writes --target_path only)."""
+    monkeypatch.chdir(tmp_path)                                   # (the default --out_dir is relative)
     got = induction.main(induction_argv(tmp_path, "--train-target", "--target_eval_every=20"))
+    assert not (tmp_path / "runs").exists()
     model = induction.read_target(str(tmp_path / "target.pt"))[0]
     assert got["oracle_kl"] == induction.oracle_kl(model) > 0 and 0 <= got["l0_m_to_s1"] <= 1
     assert f"oracle_kl {got['oracle_kl']:.4g}" in capsys.readouterr().out
     r = induction.main(induction_argv(tmp_path, "--figure5"))      # (its curve, end to end)
     assert [row["step"] for row in r["curve"]] == [20, 40] and r["target_step"] == 40
+    assert f"wrote {tmp_path}/figure5.json" in capsys.readouterr().out
+    cfg = induction.parse_config([f"--out_dir={tmp_path}/elsewhere"])[0]      # from another folder:
+    assert cfg.target_path == os.path.join(HERE, "induction_target.pt")       # the committed target
+    logs = []
+    induction.load_or_train_target(str(tmp_path / "target.pt"), log=logs.append)
+    assert logs[0] == f"loaded target from {tmp_path}/target.pt (40 steps of batch 32, lr 0.01, seed 0)"
 
 
 def test_table2_and_bench_run(tmp_path, monkeypatch, capsys):
@@ -1732,8 +1778,10 @@ def test_table2_and_bench_run(tmp_path, monkeypatch, capsys):
     rows = induction.main(induction_argv(tmp_path, "--table2", "--max_memory_gb=0.5"))
     assert all(isinstance(rows[k][0], float) and rows[k][0] > 0 for k in ["Scalar", "Vector", "Attention (no flex)"])
     assert rows["Vector"][1].startswith("needs ~1 GB") and rows["Attention (flex)"][0] == "no backward on CPU"
-    assert "Table 2: iterations per second" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Table 2: iterations per second" in out
     assert json.load(open(next(tmp_path.glob("table2_*.json"))))["it_per_s"] == rows
+    assert f"wrote {next(tmp_path.glob('table2_*.json'))}" in out
     shutil.copy(spd.__file__, tmp_path / "old_spd.py")
     rows = induction.main(induction_argv(tmp_path, "--bench", f"--bench_against={tmp_path}/old_spd.py"))
     assert sorted(rows) == sorted(f"{ci} CI, {v}" for ci in ["vector", "attention"]
@@ -2131,10 +2179,11 @@ def test_target_curve_rows_are_interval_means_and_a_resume_continues_them(tmp_pa
         induction.train_target(save_path=path, **kw)
     saved = induction.read_target(path)[1]
     assert saved["curve"] == whole[:1] and saved["curve_since"][1] == 3
+    assert induction.read_curve(path)["finished"] is False                      # (--figure5 says so)
     shutil.copy(path, tmp_path / "old.pt")
     calls[:], at[:] = [], []
     induction.train_target(save_path=path, **kw)
-    assert curve_of(path) == whole                                   # (==: exactly)
+    assert curve_of(path) == whole and induction.read_curve(path)["finished"] is True   # (==: exactly)
     old = str(tmp_path / "old.pt")                                   # as saved before the curve
     torch.save({k: v for k, v in torch.load(old, weights_only=True).items() if "curve" not in k}, old)
     losses[:] = []
@@ -2731,7 +2780,10 @@ def test_ctrl_c_then_resume(tmp_path, capsys):
     n = int(re.search(r"interrupted after step (\d+)", err).group(1))
     capsys.readouterr()
     assert induction.cli(induction_argv(tmp_path, *flags, "--resume=true", "--eval_batch=16")) == 0  # (evaluation only)
-    assert f"resumed {tmp_path}/checkpoint.pt at step {n + 1}\n" in capsys.readouterr().out  # (not at 0)
+    out = capsys.readouterr().out
+    assert f"resumed {tmp_path}/checkpoint.pt at step {n + 1}\n" in out                 # (not at 0)
+    assert "\nL0 below: the mean number of subcomponents with g > 0 per position, for " + ", ".join(
+        induction.MATRICES.values()) + "\n" in out                    # (which column is which)
     assert not (tmp_path / "checkpoint.pt").exists()
     a = torch.load(tmp_path / "spd.pt", weights_only=True)["state"]
     b = torch.load(tmp_path / "whole" / "spd.pt", weights_only=True)["state"]

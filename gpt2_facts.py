@@ -1161,7 +1161,7 @@ def save_figures(res, out_dir):
         r = res["causal_trace"][athlete]
         fig, axes = plt.subplots(1, 3, figsize=(13, 0.35 * len(r["tokens"]) + 1.5))
         for ax, kind in zip(axes, ("hidden", "mlp", "attn")):
-            im = ax.imshow(r[kind], cmap="Purples", vmin=0, aspect="auto")
+            im = ax.imshow(r[kind], cmap="Purples", vmin=0, vmax=1, aspect="auto")   # one scale: P
             ax.set_xticks(range(len(r[kind][0])))
             ax.set_yticks(range(len(r["tokens"])), r["tokens"])
             ax.set_xlabel("layer")

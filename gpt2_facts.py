@@ -53,7 +53,6 @@ import os
 import re
 import socket
 import sys
-import textwrap
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -1186,14 +1185,11 @@ def main(argv=None):
     if "--help" in argv or "-h" in argv:                # (the settings: as the default preset has them)
         cfg = parse_config([])
         return print(__doc__.strip() + "\n\nSettings, --key=value (here the paper preset's values):\n"
-                     + textwrap.fill("  ".join(f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()),
-                                     100, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False,
-                                     break_long_words=False))
+                     + spd.settings_text(cfg))
     try:
         return run(parse_config(argv))
     except (spd.SPDError, WeightsUnavailableError) as e:
-        script = sys.argv[0] if os.path.basename(sys.argv[0]) == "gpt2_facts.py" else "gpt2_facts.py"
-        print(f"error: {spd.resume_command(e, script, argv)}", file=sys.stderr)
+        print(f"error: {spd.resume_command(e, 'gpt2_facts.py', argv)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:                           # outside training (which saves first)
         print("error: interrupted", file=sys.stderr)

@@ -45,7 +45,6 @@ import math
 import os
 import statistics
 import sys
-import textwrap
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -1081,9 +1080,7 @@ def main(argv):
     if "--help" in argv or "-h" in argv:                # (the settings: as the default preset has them)
         cfg = parse_config([])[0]
         return print(__doc__.strip() + "\n\nSettings, --key=value (here the cpu preset's values):\n"
-                     + textwrap.fill("  ".join(f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()),
-                                     100, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False,
-                                     break_long_words=False))
+                     + spd.settings_text(cfg))
     modes = [a for a in argv if a in MODES]
     valued = next((a for a in argv if a.split("=", 1)[0] in MODES and "=" in a), None)
     if valued:
@@ -1118,6 +1115,11 @@ def main(argv):
         if new != name:
             print(f"{out(name)}.json is kept (an earlier measurement); this one: {new}.json")
         return new
+
+    def write(name, obj, draw=None):  # <out_dir>/<name>.json, and .png by draw (if matplotlib), said
+        spd.atomic_write(out(name + ".json"), obj)
+        png = draw is not None and draw(obj, out(name + ".png"))
+        print(f"wrote {out(name + '.json')}" + (f" and {name}.png" if png else ""))
     finished = lambda: [f for f in ("spd.pt", "table1.json") if os.path.exists(out(f))]
     done = finished()
 
@@ -1149,10 +1151,7 @@ def main(argv):
         saved = read_curve(cfg.target_path)
         r = {**saved, **figure5(saved["curve"])}
         print_figure5(r, cfg.target_path)
-        name = kept("figure5")
-        spd.atomic_write(out(f"{name}.json"), r)
-        png = save_figure5(r, out(f"{name}.png"))
-        print(f"wrote {out(name + '.json')}" + (f" and {name}.png" if png else ""))
+        write(kept("figure5"), r, save_figure5)
         return r
     if "--train-target" in modes or not os.path.exists(cfg.target_path):  # checked before training
         spd.make_dir(os.path.dirname(cfg.target_path), "--target_path")
@@ -1175,17 +1174,14 @@ def main(argv):
         lengths = (16, 64, 1024, 10240)
         rows = table2(target, cfg, lengths)
         print_table2(rows, lengths, name)
-        spd.atomic_write(out(f"table2_{stamp}.json"),  # never over an earlier one
-                         {"device": name, "lengths": lengths, "it_per_s": rows, "paper": PAPER_TABLE2})
-        print(f"wrote {out(f'table2_{stamp}.json')}")
+        write(f"table2_{stamp}", {"device": name, "lengths": lengths, "it_per_s": rows,  # never over
+                                   "paper": PAPER_TABLE2})                              # an earlier one
         return rows
     if "--bench" in modes:
         print(f"SPD step at the anchor config on {device} ({torch.get_num_threads()} threads):")
         rows = bench(target, cfg.bench_against)
-        spd.atomic_write(out(f"bench_{stamp}.json"),
-                         {"device": str(device), "threads": torch.get_num_threads(),
-                          "ms_per_step": rows})
-        print(f"wrote {out(f'bench_{stamp}.json')}")
+        write(f"bench_{stamp}", {"device": str(device), "threads": torch.get_num_threads(),
+                                 "ms_per_step": rows})
         return rows
     if "--table1" in modes:                           # Table 1 again for the saved decomposition,
         s, saved = read_run(out("spd.pt"), target, cfg, given)   # e.g. on more sequences (--eval_batch)
@@ -1193,19 +1189,14 @@ def main(argv):
         r = table1(s.to(device), target, cfg)
         print_table1(r)
         other = "" if cfg.threshold == InductionConfig.threshold else f"_threshold_{cfg.threshold}"
-        name = kept(f"table1_{cfg.eval_batch}_sequences{other}")
-        spd.atomic_write(out(name + ".json"), r)
-        print(f"wrote {out(name + '.json')}")
+        write(kept(f"table1_{cfg.eval_batch}_sequences{other}"), r)
         return r
     if "--svd-baseline" in modes:
         s, saved = read_run(out("spd.pt"), target, cfg, given)
         r = figure2(s.to(device), target, cfg)
         print_figure2(r)
-        name = kept("figure2" + ("" if cfg.eval_batch == InductionConfig.eval_batch else
-                                 f"_{cfg.eval_batch}_sequences"))
-        spd.atomic_write(out(f"{name}.json"), r)
-        png = save_figure2(r, out(f"{name}.png"))
-        print(f"wrote {out(name + '.json')}" + (f" and {name}.png" if png else ""))
+        write(kept("figure2" + ("" if cfg.eval_batch == InductionConfig.eval_batch else
+                                f"_{cfg.eval_batch}_sequences")), r, save_figure2)
         return r
     # 2) decompose it (Algorithm 3 for cfg.steps steps), holding the folder's lock until its files
     # are written, so that a second run into it stops (it checks for a finished run once more)
@@ -1246,8 +1237,7 @@ def cli(argv):
     try:
         main(argv)
     except spd.SPDError as e:
-        script = sys.argv[0] if os.path.basename(sys.argv[0]) == "induction.py" else "induction.py"
-        print(f"error: {spd.resume_command(e, script, argv)}", file=sys.stderr)
+        print(f"error: {spd.resume_command(e, 'induction.py', argv)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:                          # outside training (which saves first)
         print("error: interrupted", file=sys.stderr)

@@ -34,6 +34,8 @@ import math
 import numbers
 import os
 import shlex
+import sys
+import textwrap
 import threading
 import time
 from typing import ClassVar
@@ -1104,10 +1106,19 @@ def _on_interrupt(handler):
             signal.signal(signal.SIGINT, old)
 
 
+def settings_text(cfg):
+    """Every field of a config as --key=value, wrapped for --help: apply_overrides' input."""
+    return textwrap.fill("  ".join(f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()), 100,
+                         initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False,
+                         break_long_words=False)
+
+
 def resume_command(error, script, argv):
     """An error's text, with train's "continue with --resume=true" spelled out as the whole
-    command to type (the run's own settings, which a resume must repeat)."""
-    command = ["python", script, *(shlex.quote(a) for a in argv if not a.startswith("--resume=")),
+    command to type (the run's own settings, which a resume must repeat; the script's path as the
+    user typed it, if this process is that script)."""
+    typed = sys.argv[0] if os.path.basename(sys.argv[0]) == script else script
+    command = ["python", typed, *(shlex.quote(a) for a in argv if not a.startswith("--resume=")),
                "--resume=true"]
     return str(error).replace("continue with --resume=true", "continue with: " + " ".join(command))
 

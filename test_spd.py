@@ -1914,6 +1914,43 @@ def test_table1_counts_and_attention_kls_by_hand(monkeypatch):
     assert r["metrics"]["attn_kl_layer2_query_s2"] == pytest.approx(kl[1][:, -1].mean().item(), rel=1e-4)
     assert r["metrics"]["attn_kl_layer1"] == pytest.approx(kl[0].mean().item(), rel=1e-4)
 
+    assert r["mechanism_decomposed"] == induction.mechanism_check(target, 8, decomposition=s)
+
+
+def test_mechanism_check_in_the_decomposition(monkeypatch):
+    """Sec. 6.1's check in the decomposed model: with exact components (U V = W) and every mask 1
+    it is the target's; with every mask 0, layer 0's q and k are 0, so m attends uniformly to
+    its m + 1 keys, and with g on only at s1 (K0) and m (Q0) the same attention as the target
+    computed by hand from those two rows alone."""
+    torch.manual_seed(0)
+    target = induction.InductionTransformer()
+    s = spd.SPDModel(target, list(induction.MATRICES.values()), C=16, ci="vector", d_gate=2)
+    with torch.no_grad():
+        for layer in s.layers.values():
+            layer.U.copy_(layer.W)
+            layer.V.copy_(torch.eye(16))
+    n, seed = 64, 3
+    tokens, s1 = induction.make_batch(n, 64, 128, torch.Generator().manual_seed(seed))
+    b, m = torch.arange(n), s1 + 1
+    ones = {name: torch.ones(n, 64, 16) for name in s.layers}
+    monkeypatch.setattr(spd, "causal_importances", lambda s_, x: ones)
+    got, want = induction.mechanism_check(target, n, seed, s), induction.mechanism_check(target, n, seed)
+    assert got == pytest.approx(want, rel=1e-5) and want["l0_m_to_s1"] > 0.02 and want["acc"] < 1
+    zeros = {name: torch.zeros(n, 64, 16) for name in s.layers}
+    monkeypatch.setattr(spd, "causal_importances", lambda s_, x: zeros)
+    got = induction.mechanism_check(target, n, seed, s)
+    uniform = (1 / (m + 1.0)).mean().item()
+    assert got["l0_m_to_s1"] == pytest.approx(uniform, rel=1e-5) == got["l0_m_to_s1_no_q_pos"]
+    Q0, K0 = induction.MATRICES["Q0"], induction.MATRICES["K0"]
+    circuit = {name: torch.zeros(n, 64, 16) for name in s.layers}
+    circuit[Q0][b, m] = circuit[K0][b, s1] = 1
+    monkeypatch.setattr(spd, "causal_importances", lambda s_, x: circuit)
+    x = target.embed(tokens) + target.pe
+    attn0 = target.blocks[0].attn
+    q, k = attn0.q_proj(x[b, m]), attn0.k_proj(x[b, s1])                       # (n, d) each
+    score = (q * k).sum(-1) / 4                                                 # the other keys: 0
+    hand = (score.exp() / (score.exp() + m)).mean().item()
+    assert induction.mechanism_check(target, n, seed, s)["l0_m_to_s1"] == pytest.approx(hand, rel=1e-5)
 
 def test_induction_bad_input(tmp_path):
     with pytest.raises(spd.SPDError, match="unknown config key"):

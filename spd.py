@@ -130,13 +130,12 @@ def match_modules(model, patterns):
                            f"(only Linear/Conv1D that the model calls; torch's own attention and "
                            f"Transformer layers read their weights); it matched {_short(hits)}")
         names += [n for n in hits if n not in names]
-    aliases = {}                                              # one module under several names
-    for n, m in model.named_modules(remove_duplicate=False):
-        aliases.setdefault(id(m), []).append(n)
-    shared = next((a for n in names if len(a := aliases[id(model.get_submodule(n))]) > 1), None)
-    if shared:
-        raise SPDError(f"{shared[0]!r} is also registered as {shared[1]!r}: SPD decomposes a layer "
-                       f"with one name, called once per forward; give each use its own copy")
+    for n in names:                                           # one module under several names
+        m = model.get_submodule(n)
+        also = [a for a, o in model.named_modules(remove_duplicate=False) if o is m and a != n]
+        if also:
+            raise SPDError(f"{n!r} is also registered as {also[0]!r}: SPD decomposes a layer "
+                           f"with one name, called once per forward; give each use its own copy")
     return names
 
 
@@ -165,8 +164,7 @@ class SPDModel(nn.Module):
                            f"max_seq_len={max_seq_len!r}, causal={causal!r}")
         C, d_gate, causal = int(C), int(d_gate), bool(causal)   # (numpy's: a file holds plain ones)
         max_seq_len = max_seq_len if max_seq_len is None else int(max_seq_len)
-        self.model = copy.deepcopy(target).eval()
-        self.model.requires_grad_(False)
+        self.model = copy.deepcopy(target).eval().requires_grad_(False)
         self.spec = dict(patterns=match_modules(self.model, patterns), C=C, ci=ci,
                          d_gate=d_gate, max_seq_len=max_seq_len, causal=causal,
                          final_only_kwargs=final_only_kwargs)
@@ -174,10 +172,9 @@ class SPDModel(nn.Module):
         for name in self.spec["patterns"]:
             module = self.model.get_submodule(name)
             W = layer_weight(module)                   # U, V and γ take W's device and dtype
-            layer = DecomposedLayer(module, C, make_ci(ci, W.shape[1], C, d_gate, max_seq_len, causal))
-            layer.to(W.device, W.dtype)
-            self.model.set_submodule(name, layer)
-            self.layers[name] = layer
+            ci_fn = make_ci(ci, W.shape[1], C, d_gate, max_seq_len, causal)
+            self.layers[name] = DecomposedLayer(module, C, ci_fn).to(W.device, W.dtype)
+            self.model.set_submodule(name, self.layers[name])
 
     def forward(self, x, masks=None):
         return self.run_mask_sets(x, [masks or {}])[0]
@@ -320,10 +317,9 @@ class GammaMLPs(nn.Module):
 class _ChunkedGamma(torch.autograd.Function):
     """GammaMLPs.reference on tokens x (N, n_in) (scalar: (N, C)), a chunk of tokens at a time.
 
-    The hidden layer h (N, C, H) is the big tensor of an SPD step. As separate ops it streams
-    through memory about a dozen times and autograd keeps two copies of it; here each chunk
-    stays in cache from h = W1 x + b1 to the output, and backward recomputes h unless it is
-    small: h and gelu(h) are kept if N·C·H <= KEEP (README, "Step time"). With ḡ = dL/dγ:
+    The hidden layer h (N, C, H) is the big tensor of an SPD step: each chunk of it stays in cache
+    from h = W1 x + b1 to the output, and backward recomputes it unless N·C·H <= KEEP, when h and
+    gelu(h) are kept (README, "Step time", has the measurements). With ḡ = dL/dγ:
         dL/dw2_c = Σ_n ḡ_nc gelu(h_nc)    dL/dh_nc = ḡ_nc w2_c ⊙ gelu'(h_nc)
         dL/dW1 = (dL/dh)ᵀ x,  dL/db1 = Σ_n dL/dh,  dL/dx = (dL/dh) W1,  dL/db2 = Σ_n ḡ."""
     FLOATS = 2 ** 19                                           # hidden units per chunk (2 MB)
@@ -734,8 +730,7 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
     torch.manual_seed(cfg.seed)
     opt, history, first, stop = make_optimizer(spd, cfg), [], 0, []
     step_fn = _compiled_step() if cfg.compile else training_step
-    save_now = lambda step: checkpoint and save_checkpoint(checkpoint, spd, opt, cfg, step, history,
-                                                           data_rng)
+    save_now = lambda step: checkpoint and save_checkpoint(checkpoint, spd, opt, cfg, step, history, data_rng)
 
     def diverged(what, fix="try a lower --lr or smaller betas"):
         kept = f"delete {checkpoint} (an earlier step's) and " if checkpoint and os.path.exists(
@@ -754,11 +749,9 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
                 diverged(f"the faithfulness warm-up ended at L_faithful {fit}",
                          "try a lower --faithfulness_warmup_lr")
             log(f"faithfulness warm-up: {cfg.faithfulness_warmup_steps} steps -> L_faithful {fit:.2e}")
-        log("L0 below: the mean number of subcomponents with g > 0 per position, for "
-            + ", ".join(spd.layers))
+        log("L0 below: the mean number of subcomponents with g > 0 per position, for " + ", ".join(spd.layers))
         t0 = time.time()
-        bar = tqdm(range(first, cfg.steps), desc="SPD", mininterval=1.0, leave=False, disable=None)
-        for step in bar:
+        for step in tqdm(range(first, cfg.steps), desc="SPD", mininterval=1.0, leave=False, disable=None):
             batch = next_batch()
             x, weight = batch if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None)
             _check_batch(x, weight, cfg.last_token_only)
@@ -795,24 +788,20 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
 # -----------------------------------------------------------------------------
 # 7. Save / load
 
+FORMAT = 2  # version of the files written below (format 1, before 227853f, is not read)
+
+
 def _fingerprint(W, dtype=None):
+    """Shape and SHA-256 of a target weight (as `dtype`): saved files name their target by these."""
     raw = W.detach().to("cpu", dtype).contiguous().view(torch.uint8).numpy()     # (bf16 too)
     return [list(W.shape), hashlib.sha256(raw).hexdigest()]
 
 
-def target_identity(spd, dtype=None):
-    """Shape and SHA-256 of every decomposed target weight (as `dtype`): a fingerprint of the target."""
-    return {n: _fingerprint(l.W, dtype) for n, l in spd.layers.items()}
-
-
-FORMAT = 2  # version of the files written below (2: a scalar/vector CI lost .gamma.; 1 is renamed)
-
-
-def _same_target(spd, path, ckpt):
-    """Every layer the file decomposed is in this target with the same weights, decomposed here or
+def _same_target(model, path, ckpt):
+    """Every layer the file decomposed is in `model` with the same weights, decomposed there or
     not (other layers of the same target: the spec's check names them)."""
     dtype = next(iter(ckpt["state"].values())).dtype             # (a float64 copy of it: the same)
-    modules = dict(spd.model.named_modules())
+    modules = dict(model.named_modules())
     for name, saved in ckpt["identity"].items():
         m = modules.get(name)
         m = m.target if isinstance(m, DecomposedLayer) else m
@@ -821,17 +810,16 @@ def _same_target(spd, path, ckpt):
         except SPDError:                                       # (not there, or no Linear/Conv1D)
             same = False
         if not same:
-            raise SPDError(f"{path} was made for a different target: layer {name!r} differs "
-                           f"(shape or weights); pass the target it was made for")
+            why = (f"layer {name!r} differs (shape or weights)" if name in modules else
+                   f"it decomposes {name!r}, which this model does not have")
+            raise SPDError(f"{path} was made for a different target: {why}; pass the target it was made for")
 
 
 def _restore(spd, path, ckpt):
     dev = next(iter(spd.layers.values())).W.device
-    old = ckpt["spec"]["ci"] != "attention" and ckpt.get("format") == 1  # format 1: ...ci.gamma.W1
-    state = {k.replace(".ci.gamma.", ".ci.") if old else k: v.to(dev) for k, v in ckpt["state"].items()}
     trainable = [n for n, p in spd.named_parameters() if p.requires_grad]   # (the target is not saved)
     try:
-        res = spd.load_state_dict(state, strict=False)
+        res = spd.load_state_dict({k: v.to(dev) for k, v in ckpt["state"].items()}, strict=False)
     except RuntimeError as e:                                  # a tensor of another shape (C)
         raise SPDError(f"{path} does not fit this decomposition "
                        f"({str(e).splitlines()[-1].strip()})") from None
@@ -845,7 +833,8 @@ def save(spd, path, config=None, **more):
     (and `more`: save_checkpoint's optimizer, step and random states)."""
     config = _plain(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config or {})
     state = {n: p.detach().cpu() for n, p in spd.named_parameters() if p.requires_grad}  # no target
-    obj = {"format": FORMAT, "spec": spd.spec, "config": config, "identity": target_identity(spd),
+    identity = {n: _fingerprint(l.W) for n, l in spd.layers.items()}
+    obj = {"format": FORMAT, "spec": spd.spec, "config": config, "identity": identity,
            "state": state, **more}
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
@@ -867,13 +856,8 @@ def load(path, target):
     """(SPDModel on `target`, saved config) from a file written by `save`."""
     ckpt = read_file(path, "decomposition", "train one first (or delete the file and retrain)",
                      keys=("spec", "identity", "state"))
-    have = dict(target.named_modules())
-    missing = [n for n in ckpt["identity"] if n not in have]
-    if missing:
-        raise SPDError(f"{path} was made for a different target: it decomposes {missing[0]!r}, which "
-                       f"this model does not have; pass the target it was made for")
+    _same_target(target, path, ckpt)
     spd = SPDModel(target, **ckpt["spec"])
-    _same_target(spd, path, ckpt)
     _restore(spd, path, ckpt)
     return spd, ckpt["config"]
 
@@ -892,7 +876,7 @@ def load_checkpoint(path, spd, opt, cfg, data_rng=None):
     if not path or not os.path.exists(path):
         raise SPDError(f"no checkpoint to resume at {path}; run without --resume=true")
     ckpt = read_file(path, "checkpoint", fix, keys=("step", "config", "optimizer", "state", "rng", "identity"))
-    _same_target(spd, path, ckpt)                             # (first: another script's checkpoint)
+    _same_target(spd.model, path, ckpt)                       # (first: another script's checkpoint)
     now = _plain(dataclasses.asdict(cfg))                     # (then: it names the flag)
     diff = [k for k in now if k not in cfg.RUN_ONLY and ckpt["config"].get(k) != now[k]]
     if diff:
@@ -982,8 +966,6 @@ CONFIG_RULES = {  # field -> (allowed?, what is allowed) for every non-bool fiel
     "checkpoint_every": _at_least(0), "device": (lambda v: v in ("cpu", "cuda", "auto") or
         v.startswith("cuda:") and v[5:].isascii() and v[5:].isdigit(), "cpu, cuda, cuda:N or auto"),
 }
-
-
 _KINDS = {bool: bool, int: numbers.Integral, float: numbers.Real, str: str}  # kind -> values it takes
 
 
@@ -999,10 +981,8 @@ def check_config(cfg, rules=CONFIG_RULES):
     for f in dataclasses.fields(cfg):
         v, kind = getattr(cfg, f.name), _kind(cfg, f.name)
         if kind and not (isinstance(v, _KINDS[kind]) and isinstance(v, bool) == (kind is bool)):
-            full = lambda t: t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__name__}"
-            a = lambda t: ("an " if full(t)[0] in "aeiou" else "a ") + full(t)
-            raise SPDError(f"--{f.name}={repr(v).splitlines()[0][:40]} is {a(type(v))}; it must be "
-                           f"{a(kind)}")
+            a = lambda t: ("an " if t.__name__[0] in "aeiou" else "a ") + t.__name__
+            raise SPDError(f"--{f.name}={repr(v).splitlines()[0][:40]} is {a(type(v))}; it must be {a(kind)}")
     for name, (ok, allowed) in rules.items():
         if not ok(getattr(cfg, name)):
             raise SPDError(f"--{name}={getattr(cfg, name)} is out of range: it must be {allowed}")
@@ -1114,9 +1094,8 @@ def settings_text(cfg):
 
 
 def resume_command(error, script, argv):
-    """An error's text, with train's "continue with --resume=true" spelled out as the whole
-    command to type (the run's own settings, which a resume must repeat; the script's path as the
-    user typed it, if this process is that script)."""
+    """An error's text, with train's "continue with --resume=true" spelled out as the command to
+    type: the run's settings (which a resume repeats), the script's path as typed if this process runs it."""
     typed = sys.argv[0] if os.path.basename(sys.argv[0]) == script else script
     command = ["python", typed, *(shlex.quote(a) for a in argv if not a.startswith("--resume=")),
                "--resume=true"]
@@ -1144,10 +1123,9 @@ def make_dir(path, what):
 
 
 def atomic_write(path, obj):
-    """Write obj to a temporary file in the same folder (same extension), then os.replace it onto
-    path, so a run killed while writing leaves the previous file whole. obj: a function that
-    writes a file of the name it is given (fig.savefig, lambda f: torch.save(x, f)), or what
-    json.dumps takes (written as JSON)."""
+    """Write obj to a temporary file beside path (same extension), then os.replace it onto path: a
+    run killed while writing leaves the previous file whole. obj: a function that writes a file of
+    the name it is given (fig.savefig, lambda f: torch.save(x, f)), or what json.dumps takes."""
     if not isinstance(path, (str, os.PathLike)):
         raise SPDError(f"a path must be a str or os.PathLike, got {type(path).__name__}")
     make_dir(os.path.dirname(path), path)
@@ -1186,6 +1164,6 @@ def read_file(path, what, fix, keys=()):
     missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise SPDError(f"{path} is no {what}: it has no {missing[0]!r}; {fix}")
-    if isinstance(ckpt, dict) and ckpt.get("format", FORMAT) not in (1, FORMAT):
+    if isinstance(ckpt, dict) and ckpt.get("format", FORMAT) != FORMAT:
         raise SPDError(f"{path} has format {ckpt['format']}, this code reads {FORMAT}; {fix}")
     return ckpt

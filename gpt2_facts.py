@@ -1178,6 +1178,7 @@ def _savefig(fig, out_dir, name):
     plt.close(fig)
     return path
 
+
 def main(argv=None):
     """Entry point: `python gpt2_facts.py [--key=value ...]`; input errors and missing weights
     print one line `error: ...` and exit with status 2."""
@@ -1201,5 +1202,10 @@ def main(argv=None):
               f"--C, --d_gate, --n_mask_samples or --trace_samples", file=sys.stderr)
         sys.exit(2)
 
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:                 # the output went to a reader that stopped (| head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (no error at exit)
+        sys.exit(1)

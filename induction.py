@@ -1265,4 +1265,8 @@ def cli(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(cli(sys.argv[1:]))
+    try:
+        sys.exit(cli(sys.argv[1:]))
+    except BrokenPipeError:                 # the output went to a reader that stopped (| head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (no error at exit)
+        sys.exit(1)

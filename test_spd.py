@@ -2677,6 +2677,19 @@ def test_scripts_print_help(capsys):
         assert re.findall(r"--(\w+)=", settings) == [f.name for f in dataclasses.fields(config)]
 
 
+
+def test_scripts_end_quietly_when_their_reader_stops():
+    """`python induction.py --help | head -1`: the reader closes the pipe before the script
+    writes; the script ends with status 1 and no traceback (it printed BrokenPipeError's)."""
+    for script in ("induction.py", "gpt2_facts.py"):
+        read, write = os.pipe()
+        os.close(read)                                        # (closed first: every write fails)
+        p = subprocess.run([sys.executable, script, "--help"], cwd=HERE, stdout=write,
+                           stderr=subprocess.PIPE, text=True, timeout=120)
+        os.close(write)
+        assert p.returncode == 1 and p.stderr == "", (script, p.stderr[-300:])
+
+
 def test_facts_refuses_a_finished_run_and_reads_auto(tmp_path, capsys):
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(SystemExit):

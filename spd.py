@@ -95,8 +95,12 @@ class DecomposedLayer(nn.Module):
         if self.mask is None:
             return self.target(x)
         alpha, rows = self.mask
-        if x.dim() > 2 and x.shape[-2] < alpha.shape[-2]:  # the model runs its final positions
-            alpha = alpha[..., -x.shape[-2]:, :]           # only (e.g. the last layer's final query)
+        if x.dim() > 2 and x.shape[-2] == 1 < alpha.shape[-2]:  # the model runs its final position
+            alpha = alpha[..., -1:, :]                          # only (e.g. the last layer's query)
+        if x.dim() < 3 or alpha.shape[:2] != (len(x) if rows is None else len(rows), x.shape[1]):
+            raise SPDError(f"a decomposed layer got an input {tuple(x.shape)} under a mask "
+                           f"{tuple(alpha.shape)}: masks are (B, S, C) for inputs (B, S, d_in), "
+                           f"the sequences the model is given")
         if rows is None:                          # every row uses the subcomponents
             return self.components(x, alpha)
         y = self.target(x)                        # other rows keep the target weight
@@ -109,7 +113,7 @@ class DecomposedLayer(nn.Module):
 def match_modules(model, patterns):
     """Names of the modules matching glob patterns such as 'blocks.*.attn.q_proj'."""
     if isinstance(patterns, str):
-        patterns = [p for p in patterns.split(",") if p]
+        patterns = [p.strip() for p in patterns.split(",") if p.strip()]
     if not patterns:
         raise SPDError("no module patterns: name the layers to decompose, e.g. 'blocks.*.attn.q_proj'")
     torch_own = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -261,6 +265,11 @@ class SPDModel(nn.Module):
                 raise SPDError(f"layer {n!r} ran {len(xs)} times in one forward: SPD decomposes a "
                                f"layer that the model calls once" + ("; give each call its own copy"
                                                                       if xs else ""))
+            if xs[0].dim() < 3 or xs[0].shape[:2] != x.shape[:2]:   # (its masks are (B, S, C))
+                raise SPDError(f"layer {n!r} got an input {tuple(xs[0].shape)} from tokens "
+                               f"{tuple(x.shape)}: SPD needs each decomposed layer's input as "
+                               f"(B, S, d_in), batch first like the tokens (a model that transposes "
+                               f"or flattens them: wrap it, or decompose other layers)")
         return logits, {n: xs[0] for n, xs in inputs.items()}
 
     def causal_importance(self, inputs):
@@ -620,8 +629,9 @@ class Config:
     p_start: float = 0.9                      # minimality exponent p, annealed linearly ...
     p_final: float = 0.1                      # ... to this over the run
     last_token_only: bool = True              # reconstruction KL on the final position only
+                                              # (the induction task's; a language model: False)
     steps: int = 100_000
-    batch_size: int = 1024
+    batch_size: int = 1024                    # (the scripts' next_batch reads it; train does not)
     optimizer: str = "adam"                   # adam | adamw
     lr: float = 1e-3
     weight_decay: float = 0.0                 # AdamW only
@@ -629,11 +639,11 @@ class Config:
     lr_warmup: float = 0.0                    # linear warm-up, as a fraction of steps
     faithfulness_warmup_steps: int = 0        # first fit U V to W on faithfulness alone ...
     faithfulness_warmup_lr: float = 0.01      # ... with Adam at this lr (SPD's code does this)
-    seed: int = 0
+    seed: int = 0                             # train's draws (seed torch yourself for the init)
     log_every: int = 500                      # steps between log lines
     checkpoint_every: int = 1000              # steps between checkpoints (0: only on Ctrl-C)
     resume: bool = False                      # continue the run saved in the checkpoint
-    device: str = "cpu"
+    device: str = "cpu"                       # (read by the scripts; train runs where the model is)
     compile: bool = False                     # torch.compile the step (README, "Step time")
     RUN_ONLY: ClassVar = {"resume", "log_every", "checkpoint_every", "device"}  # may change on resume
 
@@ -711,12 +721,19 @@ def faithfulness_warmup(spd, cfg):
 def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
     """Train U, V and the CI functions for cfg.steps steps (Algorithm 3 in a loop).
 
-    next_batch() returns x, or (x, weight) with weight (B, S) marking the positions that count.
-    Every cfg.checkpoint_every steps and on Ctrl-C the run is saved to `checkpoint` (a path; a
-    second run on it at once stops), with data_rng (the torch.Generator next_batch draws from);
-    cfg.resume continues it exactly. A non-finite loss stops the run with an SPDError. Returns
-    the history: the loss terms and mean L0 per layer, one dict per log line."""
+    next_batch() returns x, or (x, weight) with weight (B, S) marking the positions that count
+    (cfg.batch_size and cfg.device are the caller's to use: train takes the batches as they come).
+    cfg.seed seeds the masks' draws; seed torch before building the SPDModel for its initial U, V
+    and CI. Every cfg.checkpoint_every steps and on Ctrl-C the run is saved to `checkpoint` (a
+    path; a second run on it at once stops), with data_rng (the torch.Generator next_batch draws
+    from; pass the same one to resume); cfg.resume continues it exactly. The file stays after the
+    run as last saved: delete it once the result is saved (a new run on it stops). A non-finite
+    loss stops the run with an SPDError. Returns the history: the loss terms and mean L0 per
+    layer, one dict per log line."""
     from tqdm import tqdm
+    if not isinstance(cfg, Config):
+        raise SPDError(f"cfg must be a spd.Config (or a dataclass derived from it), got a "
+                       f"{type(cfg).__name__}: e.g. spd.Config(**d)")
     check_config(dataclasses.replace(cfg, device="cpu"))       # (train reads no device)
     _plain(dataclasses.asdict(cfg))                            # (it must save: before, not after)
     built = dict(C=spd.spec["C"], ci=spd.spec["ci"], d_gate=spd.spec["d_gate"],
@@ -741,8 +758,8 @@ def train(spd, cfg, next_batch, log=print, checkpoint=None, data_rng=None):
             first, history = load_checkpoint(checkpoint, spd, opt, cfg, data_rng)
             log(f"resumed {checkpoint} at step {first}")
         elif checkpoint and os.path.exists(checkpoint):
-            raise SPDError(f"{checkpoint} holds an unfinished run: continue it with --resume=true, "
-                           f"or delete it to start again")
+            raise SPDError(f"{checkpoint} holds an unfinished run (or a finished run's last save): "
+                           f"continue it with --resume=true, or delete it to start again")
         elif cfg.faithfulness_warmup_steps:
             fit = faithfulness_warmup(spd, cfg)
             if not math.isfinite(fit):
@@ -888,12 +905,15 @@ def load_checkpoint(path, spd, opt, cfg, data_rng=None):
                     for v in (ckpt["spec"].get(built[0]), spd.spec[built[0]]))
         raise SPDError(f"{path} was made by an SPDModel with {built[0]}={was}, not {new}: build it "
                        f"as then, or {fix}")
+    if (data_rng is None) != (ckpt["data_rng"] is None):       # (else the batches differ, unseen)
+        raise SPDError(f"{path} was saved {'without' if data_rng is not None else 'with'} a data_rng; "
+                       f"resume as it ran (data_rng: the torch.Generator next_batch draws from)")
     _restore(spd, path, ckpt)
     opt.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"])
     for i, state in enumerate(ckpt["cuda_rng"][:torch.cuda.device_count()]):  # (saved with more GPUs: theirs)
         torch.cuda.set_rng_state(state, i)
-    if data_rng is not None and ckpt["data_rng"] is not None:
+    if data_rng is not None:
         data_rng.set_state(ckpt["data_rng"])
     return ckpt["step"], ckpt["history"]
 
@@ -998,13 +1018,15 @@ _shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__   
 def _check_batch(x, weight, last_token_only):
     """x (B, S, ...), B and S >= 1; weight (B, S), >= 0, not all 0, and > 0 at the final positions
     if only they are trained (every batch: one wait for a GPU, as the loss's check has anyway)."""
-    bad = not _tokens(x) or weight is not None and (
-        not torch.is_tensor(weight) or weight.shape != x.shape[:2] or not (
-            (weight >= 0).all() and weight.sum() > 0 and (not last_token_only or weight[:, -1].all())))
-    if bad:
-        raise SPDError(f"next_batch() gave x {_shape(x)}, weight {_shape(weight)}; it must give tokens "
-                       f"(B, S), B, S >= 1, or (tokens, weight (B, S) >= 0, not all 0; > 0 at the "
-                       f"final positions with last_token_only: pad on the left)")
+    why = ("it must give tokens, a tensor (B, S, ...) with B, S >= 1, or (tokens, weight)"
+           if not _tokens(x) else None if weight is None else
+           "weight must be a tensor (B, S), as the tokens' first two dimensions"
+           if not torch.is_tensor(weight) or weight.shape != x.shape[:2] else
+           "weight must be >= 0 (no NaN) and not all 0" if not ((weight >= 0).all() and weight.sum() > 0)
+           else "with last_token_only, weight must be > 0 at every final position (pad on the left)"
+           if last_token_only and not weight[:, -1].all() else None)
+    if why:
+        raise SPDError(f"next_batch() gave x {_shape(x)}, weight {_shape(weight)}: {why}")
 
 
 def _compiled_step():

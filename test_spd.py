@@ -1145,9 +1145,18 @@ def test_bad_api_input_is_a_one_line_error(tmp_path):
     x, cfg = torch.randint(0, 11, (4, 6)), config_for(s, steps=2, log_every=1)
     pad = torch.ones(4, 6)
     pad[0, -1] = 0                                           # right padding: no final token to train
-    for batch in [torch.zeros(0, 6, dtype=torch.long), x[0], (x, torch.ones(6)), (x, torch.ones(4)),
-                  (x, torch.zeros(4, 6)), (x, -torch.ones(4, 6)), (x, pad), (x,), None]:
-        with pytest.raises(spd.SPDError, match=r"next_batch\(\) gave x .*, weight .*; it must give tokens \(B, S\)"):
+    nan = torch.ones(4, 6)
+    nan[1, 2] = math.nan
+    tokens = "it must give tokens, a tensor (B, S, ...) with B, S >= 1, or (tokens, weight)"
+    shape = "weight must be a tensor (B, S), as the tokens' first two dimensions"
+    values = "weight must be >= 0 (no NaN) and not all 0"
+    for batch, why in [(torch.zeros(0, 6, dtype=torch.long), tokens), (x[0], tokens), ((x,), tokens),
+                       (None, tokens), ((x, x, x), tokens), ({"x": x}, tokens), ((x, torch.ones(6)), shape),
+                       ((x, torch.ones(4)), shape), ((x, [1] * 6), shape), ((x, torch.zeros(4, 6)), values),
+                       ((x, -torch.ones(4, 6)), values), ((x, nan), values),
+                       ((x, pad), "with last_token_only, weight must be > 0 at every final position (pad on "
+                                  "the left)")]:
+        with pytest.raises(spd.SPDError, match=r"next_batch\(\) gave x .*, weight .*: " + re.escape(why) + "$"):
             spd.train(s, cfg, lambda: batch, log=lambda *a: None)
     spd.train(s, dataclasses.replace(cfg, last_token_only=False), lambda: [x, pad], log=lambda *a: None)
     batches = iter([x, x, (x, pad)])                           # a bad batch later in the run, too
@@ -2766,7 +2775,7 @@ def test_resume_is_exact_and_checked(tmp_path, ctrl_c_fails):
     cfg = spd.Config(C=6, ci="attention", d_gate=4, steps=15, lr=1e-2, log_every=5, checkpoint_every=4,
                      beta_stochastic_partial_recon=1, last_token_only=False)
 
-    def run(cfg, interrupt_at=None, seed=0):
+    def run(cfg, interrupt_at=None, seed=0, with_rng=True):
         target = tiny()
         torch.manual_seed(seed)                                        # (U, V and the CI's init)
         s = spd.SPDModel(target, "blocks.*.attn.*", C=6, ci="attention", d_gate=4, max_seq_len=6,
@@ -2778,7 +2787,8 @@ def test_resume_is_exact_and_checked(tmp_path, ctrl_c_fails):
             if len(calls) == interrupt_at:
                 os.kill(os.getpid(), signal.SIGINT)
             return torch.randint(0, 11, (8, 6), generator=gen)
-        hist = spd.train(s, cfg, batch, log=lambda *a: None, checkpoint=path, data_rng=gen)
+        hist = spd.train(s, cfg, batch, log=lambda *a: None, checkpoint=path,
+                         data_rng=gen if with_rng else None)
         return s, hist, calls
 
     whole, hist, _ = run(cfg)
@@ -2793,13 +2803,58 @@ def test_resume_is_exact_and_checked(tmp_path, ctrl_c_fails):
     with pytest.raises(spd.SPDError, match="ckpt.pt was saved with --ci_causal=True, not False: resume "
                                            "with the same config, or delete it to start again"):
         run(dataclasses.replace(cfg, resume=True, ci_causal=False))    # (a model built otherwise)
+    with pytest.raises(spd.SPDError, match="ckpt.pt was saved with a data_rng; resume as it ran"):
+        run(dataclasses.replace(cfg, resume=True), with_rng=False)     # (its batches would differ)
     # other seeds for the model's init and the data: only what the checkpoint restores can match
     resumed, hist2, calls = run(dataclasses.replace(cfg, resume=True, checkpoint_every=3), seed=1)  # (RUN_ONLY)
     for (n, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), n
     assert [h["total"] for h in hist2] == [h["total"] for h in hist]
     assert len(calls) == 15 - 8                                        # steps 8-14, not 0-14
+    opt = spd.make_optimizer(resumed, cfg)
+    spd.save_checkpoint(path, resumed, opt, cfg, 3, [], data_rng=None)
+    with pytest.raises(spd.SPDError, match="ckpt.pt was saved without a data_rng; resume as it ran"):
+        spd.load_checkpoint(path, resumed, opt, cfg, torch.Generator())
 
+
+
+def test_a_users_own_model_mistakes_are_one_line_errors():
+    """What a researcher trying spd.py on a model of their own ran into (a walkthrough): masks for
+    other positions or rows than the model is given, a model whose decomposed layer sees its input
+    transposed or flattened, a pattern list with spaces, a config that is a dict."""
+    s = spd.SPDModel(tiny(), "blocks.*.attn.q_proj, blocks.0.attn.k_proj", C=3, ci="vector", d_gate=2)
+    assert list(s.layers) == ["blocks.0.attn.q_proj", "blocks.1.attn.q_proj", "blocks.0.attn.k_proj"]
+    x = torch.randint(0, 11, (2, 6))
+    g = spd.causal_importances(s, x)
+    with s.masked(g) as model:                                 # the same positions: as s(x, g)
+        assert torch.equal(model(x), s(x, g))
+    for masks, given in [(g, x[:, :4]),                        # masks of 6 positions, 4 given
+                         ({n: v.repeat(2, 1, 1) for n, v in g.items()}, x)]:   # 2B rows for B
+        with pytest.raises(spd.SPDError, match=r"a decomposed layer got an input \(\d+, \d, 8\) under a "
+                                               r"mask \(\d, 6, 3\): masks are \(B, S, C\) for inputs"):
+            with s.masked(masks) as model:
+                model(given)
+
+    class Transposed(Tiny):                                    # runs its layers on (S, B, d)
+        def forward(self, t):
+            return self.blocks[0].attn.q_proj(self.embed(t).transpose(0, 1)).transpose(0, 1) @ \
+                self.unembed.weight.T
+
+    class Flat(Tiny):                                          # runs its layers on (B·S, d)
+        def forward(self, t):
+            return (self.blocks[0].attn.q_proj(self.embed(t).flatten(0, 1)) @ self.unembed.weight.T
+                    ).view(*t.shape, -1)
+
+    for model, shape in [(Transposed(), "(6, 2, 8)"), (Flat(), "(12, 8)")]:
+        for ci in ("vector", "attention"):
+            bad = spd.SPDModel(model, "blocks.0.attn.q_proj", C=3, ci=ci, d_gate=2, max_seq_len=6)
+            with pytest.raises(spd.SPDError, match=re.escape(
+                    f"layer 'blocks.0.attn.q_proj' got an input {shape} from tokens (2, 6): SPD needs each "
+                    f"decomposed layer's input as (B, S, d_in), batch first like the tokens")):
+                spd.causal_importances(bad, x)
+    with pytest.raises(spd.SPDError, match=r"cfg must be a spd.Config \(or a dataclass derived from it\), "
+                                           r"got a dict: e.g. spd.Config\(\*\*d\)"):
+        spd.train(s, {"C": 3}, lambda: x)
 
 def test_run_only_fields_exist():
     """Each config's RUN_ONLY (the fields a resumed run may change) names fields it has."""
@@ -2889,17 +2944,18 @@ class TinyMLP(Tiny):
 
 
 def test_readme_api_example_runs_as_written(tmp_path, monkeypatch):
-    """The README's "Using spd.py on your own model" block, only its step count and batch cut."""
+    """The README's "Using spd.py on your own model" block, only its step count cut."""
     text = pathlib.Path(HERE, "README.md").read_text()
     code = text.split("Using `spd.py` on your own model:")[1].split("```python\n")[1].split("```")[0]
-    assert "steps=10_000, batch_size=64" in code
-    code = code.replace("steps=10_000, batch_size=64", "steps=2, batch_size=4, log_every=1")
+    assert "steps=10_000," in code
+    code = code.replace("steps=10_000,", "steps=2, log_every=1,")
     torch.manual_seed(0)
     env = {"model": TinyMLP(), "next_batch": lambda: torch.randint(0, 11, (4, 6)),
            "tokens": torch.randint(0, 11, (3, 6))}
     monkeypatch.chdir(tmp_path)
     exec(code, env)
     assert env["g"]["blocks.0.mlp.fc"].shape == (3, 6, 100) and env["saved"]["steps"] == 2
+    assert env["saved"]["last_token_only"] is False
     assert isinstance(env["edited"], TinyMLP) and (tmp_path / "spd.pt").exists()
 
 

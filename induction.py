@@ -657,8 +657,9 @@ def print_table1(r, log=print):
         f"held-out accuracy {mech['acc']:.4f} -> {mech['acc_no_q_pos']:.4f}")
     dec = r.get("mechanism_decomposed")
     if dec:
-        log(f"  the same in the decomposition, every matrix masked by g: m -> s1 {dec['l0_m_to_s1']:.4f} "
-            f"-> {dec['l0_m_to_s1_no_q_pos']:.4f}; accuracy {dec['acc']:.4f} -> {dec['acc_no_q_pos']:.4f}")
+        log(f"  the same in the decomposition, every matrix masked by g (of the intact input): m -> s1 "
+            f"{dec['l0_m_to_s1']:.4f} -> {dec['l0_m_to_s1_no_q_pos']:.4f}; accuracy {dec['acc']:.4f} -> "
+            f"{dec['acc_no_q_pos']:.4f}")
     log(f"oracle (ours, not in the paper): the paper's circuit with exact components, each matrix only "
         f"at its position ({', '.join(f'{k}@{v}' for k, v in CIRCUIT.items())}), final-token KL "
         f"{r['oracle_kl']:.2e} on {r.get('oracle_sequences', r['eval_sequences'])} sequences; its "

@@ -77,7 +77,8 @@ class DecomposedLayer(nn.Module):
         self.V = nn.Parameter(torch.randn(C, d_in) / math.sqrt(d_in))
         self.U = nn.Parameter(torch.randn(d_out, C) / math.sqrt(C))
         self.ci = ci
-        self.mask = None      # (alpha (N, S, C), rows (N,) or None for all rows), set per forward
+        self.mask = None      # (alpha (N, S, C), rows (N,) or None for all rows, final_only), per forward
+        self.name = None      # its name in the model (for messages)
         self.inputs = None    # while target_forward runs, a list of the inputs it was called with
 
     @property
@@ -94,11 +95,11 @@ class DecomposedLayer(nn.Module):
             self.inputs.append(x)
         if self.mask is None:
             return self.target(x)
-        alpha, rows = self.mask
-        if x.dim() > 2 and x.shape[-2] == 1 < alpha.shape[-2]:  # the model runs its final position
+        alpha, rows, final_only = self.mask
+        if final_only and x.dim() > 2 and x.shape[-2] == 1:     # the model runs its final position
             alpha = alpha[..., -1:, :]                          # only (e.g. the last layer's query)
         if x.dim() < 3 or alpha.shape[:2] != (len(x) if rows is None else len(rows), x.shape[1]):
-            raise SPDError(f"a decomposed layer got an input {tuple(x.shape)} under a mask "
+            raise SPDError(f"layer {self.name!r} got an input {tuple(x.shape)} under a mask "
                            f"{tuple(alpha.shape)}: masks are (B, S, C) for inputs (B, S, d_in), "
                            f"the sequences the model is given")
         if rows is None:                          # every row uses the subcomponents
@@ -134,9 +135,11 @@ def match_modules(model, patterns):
                            f"(only Linear/Conv1D that the model calls; torch's own attention and "
                            f"Transformer layers read their weights); it matched {_short(hits)}")
         names += [n for n in hits if n not in names]
-    for n in names:                                           # one module under several names
-        m = model.get_submodule(n)
-        also = [a for a, o in model.named_modules(remove_duplicate=False) if o is m and a != n]
+    aliases = {}                                              # one module under several names
+    for n, m in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), []).append(n)
+    for n in names:
+        also = [a for a in aliases[id(model.get_submodule(n))] if a != n]
         if also:
             raise SPDError(f"{n!r} is also registered as {also[0]!r}: SPD decomposes a layer "
                            f"with one name, called once per forward; give each use its own copy")
@@ -179,6 +182,7 @@ class SPDModel(nn.Module):
             ci_fn = make_ci(ci, W.shape[1], C, d_gate, max_seq_len, causal)
             self.layers[name] = DecomposedLayer(module, C, ci_fn).to(W.device, W.dtype)
             self.model.set_submodule(name, self.layers[name])
+            self.layers[name].name = name
 
     def forward(self, x, masks=None):
         return self.run_mask_sets(x, [masks or {}])[0]
@@ -210,7 +214,7 @@ class SPDModel(nn.Module):
                 + torch.arange(B, device=x.device)).flatten()                     # (len(ks)·B,)
             stacked[name] = (alpha, rows)
         kwargs = (self.spec["final_only_kwargs"] or {}) if final_only else {}
-        with self.masked(stacked):
+        with self.masked(stacked, final_only):
             out = self.model(x.repeat(K, *[1] * (x.dim() - 1)), **kwargs)
         out = getattr(out, "logits", out)             # (K·B, S, V); transformers returns an object
         if not torch.is_tensor(out) or out.dim() not in ((2, 3) if final_only else (3,)):
@@ -222,9 +226,10 @@ class SPDModel(nn.Module):
         return out.view(K, B, *out.shape[1:])
 
     @contextlib.contextmanager
-    def masked(self, masks):
+    def masked(self, masks, final_only=False):
         """Inside, self.model(...) runs with {name: alpha} (or {name: (alpha, rows)}) set; use it
-        to call the model with its own arguments, e.g. to read attention patterns."""
+        to call the model with its own arguments, e.g. to read attention patterns. final_only: a
+        layer given one position (the model's final-position path) takes the masks' last one."""
         if not isinstance(masks, dict):
             raise SPDError(f"masks must be a dict {{layer name: alpha}}, got a {type(masks).__name__}")
         unknown = sorted(set(masks) - self.layers.keys())
@@ -243,7 +248,7 @@ class SPDModel(nn.Module):
                 if alpha.device != U.device:
                     raise SPDError(f"mask for {name!r} is on {alpha.device}, the decomposition on "
                                    f"{U.device}: pass masks on its device")
-                self.layers[name].mask = (alpha.to(U.dtype), rows)    # (a bool or float32 mask: cast)
+                self.layers[name].mask = (alpha.to(U.dtype), rows, final_only)  # (bool, float32: cast)
             yield self.model
         finally:
             for layer in self.layers.values():
@@ -827,8 +832,10 @@ def _same_target(model, path, ckpt):
         except SPDError:                                       # (not there, or no Linear/Conv1D)
             same = False
         if not same:
-            why = (f"layer {name!r} differs (shape or weights)" if name in modules else
-                   f"it decomposes {name!r}, which this model does not have")
+            why = (f"it decomposes {name!r}, which this model does not have" if m is None else
+                   f"{name!r} is a module of type {type(m).__name__} here, not a Linear or Conv1D"
+                   if not isinstance(m, nn.Linear)
+                   and type(m).__name__ != "Conv1D" else f"layer {name!r} differs (shape or weights)")
             raise SPDError(f"{path} was made for a different target: {why}; pass the target it was made for")
 
 
@@ -907,7 +914,8 @@ def load_checkpoint(path, spd, opt, cfg, data_rng=None):
                        f"as then, or {fix}")
     if (data_rng is None) != (ckpt["data_rng"] is None):       # (else the batches differ, unseen)
         raise SPDError(f"{path} was saved {'without' if data_rng is not None else 'with'} a data_rng; "
-                       f"resume as it ran (data_rng: the torch.Generator next_batch draws from)")
+                       f"resume as it ran (data_rng: the torch.Generator next_batch draws from, or "
+                       f"None), or {fix}")
     _restore(spd, path, ckpt)
     opt.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"])

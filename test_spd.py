@@ -1814,6 +1814,13 @@ def test_induction_script_smoke(tmp_path, capsys):
     r = induction.main(induction_argv(tmp_path))
     out = capsys.readouterr().out
     assert "Table 1" in out and "mechanism" in out
+    dec = r["mechanism_decomposed"]
+    assert (f"the same in the decomposition, every matrix masked by g (of the intact input): m -> s1 "
+            f"{dec['l0_m_to_s1']:.4f} -> {dec['l0_m_to_s1_no_q_pos']:.4f}; accuracy {dec['acc']:.4f} -> "
+            f"{dec['acc_no_q_pos']:.4f}") in out
+    lines = []                                                 # a metric keeps its digits: 2.00, not 2
+    induction.print_table1({**r, "metrics": {**r["metrics"], "attn_kl_layer2": 2.0}}, log=lines.append)
+    assert any(l.startswith("  attn_kl_layer2") and l.endswith(" 2.00 | 0.002") for l in lines)
     with open(tmp_path / "table1.json") as f:
         saved = json.load(f)
     assert saved["active"] == r["active"] and saved["config"]["C"] == 8
@@ -2818,20 +2825,20 @@ def test_resume_is_exact_and_checked(tmp_path, ctrl_c_fails):
 
 
 
-def test_a_users_own_model_mistakes_are_one_line_errors():
+def test_a_users_own_model_mistakes_are_one_line_errors(tmp_path):
     """What a researcher trying spd.py on a model of their own ran into (a walkthrough): masks for
     other positions or rows than the model is given, a model whose decomposed layer sees its input
     transposed or flattened, a pattern list with spaces, a config that is a dict."""
-    s = spd.SPDModel(tiny(), "blocks.*.attn.q_proj, blocks.0.attn.k_proj", C=3, ci="vector", d_gate=2)
+    s = spd.SPDModel(tiny(), "blocks.*.attn.q_proj, blocks.0.attn.k_proj, ", C=3, ci="vector", d_gate=2)
     assert list(s.layers) == ["blocks.0.attn.q_proj", "blocks.1.attn.q_proj", "blocks.0.attn.k_proj"]
     x = torch.randint(0, 11, (2, 6))
     g = spd.causal_importances(s, x)
     with s.masked(g) as model:                                 # the same positions: as s(x, g)
         assert torch.equal(model(x), s(x, g))
-    for masks, given in [(g, x[:, :4]),                        # masks of 6 positions, 4 given
+    for masks, given in [(g, x[:, :4]), (g, x[:, :1]),         # masks of 6 positions, 4 or 1 given
                          ({n: v.repeat(2, 1, 1) for n, v in g.items()}, x)]:   # 2B rows for B
-        with pytest.raises(spd.SPDError, match=r"a decomposed layer got an input \(\d+, \d, 8\) under a "
-                                               r"mask \(\d, 6, 3\): masks are \(B, S, C\) for inputs"):
+        with pytest.raises(spd.SPDError, match=r"layer 'blocks.0.attn.q_proj' got an input \(\d+, \d, 8\) "
+                                               r"under a mask \(\d, 6, 3\): masks are \(B, S, C\) for inputs"):
             with s.masked(masks) as model:
                 model(given)
 
@@ -2845,7 +2852,12 @@ def test_a_users_own_model_mistakes_are_one_line_errors():
             return (self.blocks[0].attn.q_proj(self.embed(t).flatten(0, 1)) @ self.unembed.weight.T
                     ).view(*t.shape, -1)
 
-    for model, shape in [(Transposed(), "(6, 2, 8)"), (Flat(), "(12, 8)")]:
+    class Longer(Tiny):                                        # runs its layers on (B, S + 1, d)
+        def forward(self, t):
+            x = torch.cat([self.embed(t), self.pos[:1].expand(len(t), 1, -1)], 1)
+            return (self.blocks[0].attn.q_proj(x) @ self.unembed.weight.T)[:, 1:]
+
+    for model, shape in [(Transposed(), "(6, 2, 8)"), (Flat(), "(12, 8)"), (Longer(), "(2, 7, 8)")]:
         for ci in ("vector", "attention"):
             bad = spd.SPDModel(model, "blocks.0.attn.q_proj", C=3, ci=ci, d_gate=2, max_seq_len=6)
             with pytest.raises(spd.SPDError, match=re.escape(
@@ -2855,6 +2867,12 @@ def test_a_users_own_model_mistakes_are_one_line_errors():
     with pytest.raises(spd.SPDError, match=r"cfg must be a spd.Config \(or a dataclass derived from it\), "
                                            r"got a dict: e.g. spd.Config\(\*\*d\)"):
         spd.train(s, {"C": 3}, lambda: x)
+    spd.save(s, tmp_path / "s.pt", config_for(s))
+    other = tiny()
+    other.blocks[0].attn.k_proj = nn.Identity()
+    with pytest.raises(spd.SPDError, match=r"made for a different target: 'blocks.0.attn.k_proj' is a "
+                                           r"module of type Identity here, not a Linear or Conv1D"):
+        spd.load(tmp_path / "s.pt", other)
 
 def test_run_only_fields_exist():
     """Each config's RUN_ONLY (the fields a resumed run may change) names fields it has."""

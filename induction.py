@@ -355,8 +355,8 @@ def mechanism_check(model, n=1024, seed=EVAL_SEED + 2, decomposition=None):
     The *_no_q_pos entries repeat these with the positional encoding omitted from layer 0's
     Q input at m (paper: m -> s1 drops from 1.0 to 0.0941), plus the resulting accuracy.
     decomposition (an SPDModel of `model`): the same in the decomposed model, every matrix masked
-    by its causal importances g (as L_recon; the same g when m's query loses its position), since
-    Sec. 6.1 reads the mechanism off the decomposition.
+    by its causal importances g (as L_recon; the same g when m's query loses its position): Sec. 6.1
+    may have measured the mechanism there (it does not say).
     """
     cfg, device = model.config, next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)

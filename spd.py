@@ -832,10 +832,12 @@ def _same_target(model, path, ckpt):
         except SPDError:                                       # (not there, or no Linear/Conv1D)
             same = False
         if not same:
-            why = (f"it decomposes {name!r}, which this model does not have" if m is None else
-                   f"{name!r} is a module of type {type(m).__name__} here, not a Linear or Conv1D"
-                   if not isinstance(m, nn.Linear)
-                   and type(m).__name__ != "Conv1D" else f"layer {name!r} differs (shape or weights)")
+            if m is None:
+                why = f"it decomposes {name!r}, which this model does not have"
+            elif not (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"):
+                why = f"{name!r} is a module of type {type(m).__name__} here, not a Linear or Conv1D"
+            else:
+                why = f"layer {name!r} differs (shape or weights)"
             raise SPDError(f"{path} was made for a different target: {why}; pass the target it was made for")
 
 

@@ -827,18 +827,16 @@ def _same_target(model, path, ckpt):
     for name, saved in ckpt["identity"].items():
         m = modules.get(name)
         m = m.target if isinstance(m, DecomposedLayer) else m
-        try:
-            same = _fingerprint(layer_weight(m), dtype) == saved
-        except SPDError:                                       # (not there, or no Linear/Conv1D)
-            same = False
-        if not same:
-            if m is None:
-                why = f"it decomposes {name!r}, which this model does not have"
-            elif not (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"):
-                why = f"{name!r} is a module of type {type(m).__name__} here, not a Linear or Conv1D"
-            else:
+        if m is None:
+            why = f"it decomposes {name!r}, which this model does not have"
+        else:
+            try:
+                if _fingerprint(layer_weight(m), dtype) == saved:
+                    continue
                 why = f"layer {name!r} differs (shape or weights)"
-            raise SPDError(f"{path} was made for a different target: {why}; pass the target it was made for")
+            except SPDError:                                   # (layer_weight: no Linear/Conv1D)
+                why = f"{name!r} is a module of type {type(m).__name__} here, not a Linear or Conv1D"
+        raise SPDError(f"{path} was made for a different target: {why}; pass the target it was made for")
 
 
 def _restore(spd, path, ckpt):
@@ -1028,15 +1026,19 @@ _shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__   
 def _check_batch(x, weight, last_token_only):
     """x (B, S, ...), B and S >= 1; weight (B, S), >= 0, not all 0, and > 0 at the final positions
     if only they are trained (every batch: one wait for a GPU, as the loss's check has anyway)."""
-    why = ("it must give tokens, a tensor (B, S, ...) with B, S >= 1, or (tokens, weight)"
-           if not _tokens(x) else None if weight is None else
-           "weight must be a tensor (B, S), as the tokens' first two dimensions"
-           if not torch.is_tensor(weight) or weight.shape != x.shape[:2] else
-           "weight must be >= 0 (no NaN) and not all 0" if not ((weight >= 0).all() and weight.sum() > 0)
-           else "with last_token_only, weight must be > 0 at every final position (pad on the left)"
-           if last_token_only and not weight[:, -1].all() else None)
-    if why:
-        raise SPDError(f"next_batch() gave x {_shape(x)}, weight {_shape(weight)}: {why}")
+    if not _tokens(x):
+        why = "it must give tokens, a tensor (B, S, ...) with B, S >= 1, or (tokens, weight)"
+    elif weight is None:
+        return
+    elif not torch.is_tensor(weight) or weight.shape != x.shape[:2]:
+        why = "weight must be a tensor (B, S), as the tokens' first two dimensions"
+    elif not ((weight >= 0).all() and weight.sum() > 0):
+        why = "weight must be >= 0 (no NaN) and not all 0"
+    elif last_token_only and not weight[:, -1].all():
+        why = "with last_token_only, weight must be > 0 at every final position (pad on the left)"
+    else:
+        return
+    raise SPDError(f"next_batch() gave x {_shape(x)}, weight {_shape(weight)}: {why}")
 
 
 def _compiled_step():
